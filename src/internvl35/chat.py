@@ -1,0 +1,203 @@
+"""`internvl35.load` and the object it returns: model + tokenizer + preprocessing, with `chat`.
+
+This is the only place where text, images and the model meet for inference outside the engine:
+it renders the template, tiles images, expands <IMG_CONTEXT>, applies Flash compaction and decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from internvl35.config import CONFIGS, ModelConfig
+from internvl35.data.image import ImageLike, preprocess_image, tiles_to_tensor
+from internvl35.data.template import IMAGE_PLACEHOLDER, THINKING_SYSTEM, expand_image_tokens, get_template, image_prefix
+from internvl35.data.tokenizer import Tokenizer
+from internvl35.data.video import load_frames
+from internvl35.errors import CheckpointError, InputError
+from internvl35.generate import generate_stream
+from internvl35.models.internvl import InternVLModel, flash_keep_mask
+from internvl35.sampling import SamplingParams
+from internvl35.weights.config_json import config_from_dict, read_config_json
+from internvl35.weights.loader import load_weights
+
+MINI_DIR = Path(__file__).parent / "assets" / "mini"
+
+
+@dataclass
+class Prompt:
+    """One rendered request: token ids, its image tiles and how many tiles each image has."""
+
+    text: str
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    tiles_per_image: list[int]
+
+
+class ChatModel:
+    def __init__(self, model: InternVLModel, tokenizer: Tokenizer, fmt: str = "custom", path: Path | None = None):
+        self.model, self.tokenizer, self.format, self.path = model, tokenizer, fmt, path
+        self.cfg: ModelConfig = model.cfg
+        self.template = get_template(self.cfg.template)
+        model.image_token_id = tokenizer.img_context_id
+        self.stop_ids = {tokenizer.token_id(self.template.stop)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def __call__(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """HF-style forward: ids with expanded <IMG_CONTEXT> tokens -> logits [B, L, V]."""
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.dtype)
+        return self.model(input_ids.to(self.device), pixel_values, **kw)
+
+    # --- prompt building -----------------------------------------------------------------------
+    def image_tiles(self, images: list[ImageLike], max_tiles: int | None = None) -> list[torch.Tensor]:
+        n = max_tiles or self.cfg.max_dynamic_patch
+        return [preprocess_image(im, self.cfg.vision.image_size, n, self.cfg.use_thumbnail,
+                                 self.cfg.dynamic_image_size) for im in images]
+
+    def build_prompt(self, question: str, images: list[ImageLike] = (), video: str | Path | list | None = None,
+                     history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,
+                     max_tiles: int | None = None, num_frames: int = 8) -> Prompt:
+        """Render the template with images or video frames; `<image>` placeholders in the history
+        and question take the images in order (prepended to the question when there are none)."""
+        if images and video is not None:
+            raise InputError("give images or a video, not both")
+        S = self.cfg.vision.image_size
+        if video is not None:
+            frames = load_frames(video, num_frames)
+            tiles = [tiles_to_tensor([f], S) for f in frames]
+        else:
+            tiles = self.image_tiles(list(images), max_tiles)
+        placed = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history) + question.count(IMAGE_PLACEHOLDER)
+        if tiles and placed == 0:
+            question = image_prefix(len(tiles), video=video is not None) + question
+        elif placed != len(tiles):
+            raise InputError(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles)} image(s)/frame(s)")
+        if thinking and system is None:
+            system = THINKING_SYSTEM
+        text = self.template.render(question, list(history), system)
+        text = expand_image_tokens(text, [t.shape[0] for t in tiles], self.cfg.num_image_token)
+        pixel_values = torch.cat(tiles) if tiles else None
+        return Prompt(text, self.tokenizer.encode(text), pixel_values, [t.shape[0] for t in tiles])
+
+    def _flash(self, flash: bool | None, relative: float | None, absolute: float | None
+               ) -> tuple[float, float] | None:
+        f = self.cfg.flash
+        on = (f is not None and f.flash_mode) if flash is None else flash
+        if not on:
+            return None
+        if f is None:
+            raise InputError("this checkpoint has no Flash router (mlp2/gating); flash=True is not possible")
+        return (f.relative_threshold if relative is None else relative,
+                f.absolute_threshold if absolute is None else absolute)
+
+    @torch.inference_mode()
+    def encode(self, prompt: Prompt, flash: tuple[float, float] | None = None
+               ) -> tuple[list[int], torch.Tensor | None]:
+        """Run the vision side: -> (possibly Flash-compacted ids, image features [M, D])."""
+        if prompt.pixel_values is None:
+            return prompt.input_ids, None
+        pv = prompt.pixel_values.to(self.device, self.dtype)
+        feats, per_tile = self.model.encode_images(pv, flash)
+        ids = prompt.input_ids
+        if flash is not None:
+            t = torch.tensor(ids)
+            keep = flash_keep_mask(t, self.tokenizer.img_context_id, per_tile, self.cfg.num_image_token)
+            ids = t[keep].tolist()
+        return ids, feats
+
+    # --- generation ----------------------------------------------------------------------------
+    def stream_chat(self, question: str, images: list[ImageLike] = (), *, video=None,
+                    history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,
+                    max_tiles: int | None = None, num_frames: int = 8, flash: bool | None = None,
+                    flash_relative_threshold: float | None = None, flash_absolute_threshold: float | None = None,
+                    **sampling) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated."""
+        params = SamplingParams(**sampling)
+        prompt = self.build_prompt(question, images, video, history, thinking, system, max_tiles, num_frames)
+        self._check_length(len(prompt.input_ids) + params.max_new_tokens)
+        ids, feats = self.encode(prompt, self._flash(flash, flash_relative_threshold, flash_absolute_threshold))
+        out: list[int] = []
+        sent = ""
+        for step in generate_stream(self.model, [ids], params, self.stop_ids, feats, self.tokenizer.pad_id):
+            tok = step[0]
+            if tok is None or tok in self.stop_ids:
+                break
+            out.append(tok)
+            text = self.tokenizer.decode(out)
+            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                yield text[len(sent):]
+                sent = text
+        text = self.tokenizer.decode(out)
+        if len(text) > len(sent):
+            yield text[len(sent):]
+
+    def chat(self, question: str, images: list[ImageLike] = (), *, return_history: bool = False,
+             history: list[tuple[str, str]] = (), **kw) -> str | tuple[str, list[tuple[str, str]]]:
+        """Answer `question` about `images` (or `video=`); `thinking=True` uses the reasoning prompt."""
+        answer = "".join(self.stream_chat(question, images, history=history, **kw)).strip()
+        if not return_history:
+            return answer
+        if images and not any(IMAGE_PLACEHOLDER in q for q, _ in history) and IMAGE_PLACEHOLDER not in question:
+            question = image_prefix(len(images)) + question
+        return answer, [*history, (question, answer)]
+
+    @torch.inference_mode()
+    def batch_chat(self, questions: list[str], images: list[list[ImageLike]] | None = None,
+                   **sampling) -> list[str]:
+        """Answer several prompts in one left-padded batch (no Flash compaction)."""
+        params = SamplingParams(**sampling)
+        images = images or [[] for _ in questions]
+        prompts = [self.build_prompt(q, im) for q, im in zip(questions, images)]
+        encoded = [self.encode(p) for p in prompts]
+        feats = [f for _, f in encoded if f is not None]
+        outs: list[list[int]] = [[] for _ in prompts]
+        for step in generate_stream(self.model, [ids for ids, _ in encoded], params, self.stop_ids,
+                                    torch.cat(feats) if feats else None, self.tokenizer.pad_id):
+            for i, tok in enumerate(step):
+                if tok is not None and tok not in self.stop_ids:
+                    outs[i].append(tok)
+        return [self.tokenizer.decode(o).strip() for o in outs]
+
+    def _check_length(self, n: int) -> None:
+        if n > self.cfg.text.max_position_embeddings:
+            raise InputError(f"prompt + max_new_tokens = {n} tokens exceeds the context of "
+                             f"{self.cfg.text.max_position_embeddings}")
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are far slower there), bf16 on accelerators."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def resolve_path(path_or_preset: str | Path) -> Path:
+    p = Path(path_or_preset)
+    if p.is_dir():
+        return p
+    if str(path_or_preset) == "mini":
+        if not (MINI_DIR / "config.json").is_file():
+            raise CheckpointError("the embedded mini checkpoint is not present in this installation")
+        return MINI_DIR
+    if str(path_or_preset) in CONFIGS:
+        raise CheckpointError(f"preset {path_or_preset!r} has no bundled weights: pass a checkpoint directory")
+    raise CheckpointError(f"{path_or_preset}: not a checkpoint directory or known model name")
+
+
+def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
+         device: str | torch.device = "cpu") -> ChatModel:
+    """Load a checkpoint directory of either format (auto-detected), or "mini", for inference."""
+    path = resolve_path(path_or_preset)
+    cfg, fmt = config_from_dict(read_config_json(path), name=path.name)
+    tokenizer = Tokenizer.from_dir(path)
+    model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device)
+    return ChatModel(model, tokenizer, fmt, path)

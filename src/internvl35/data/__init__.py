@@ -1,0 +1,1 @@
+"""Inputs: image tiling, video frames, chat templates and token accounting, the tokenizer."""

@@ -1,0 +1,99 @@
+"""Image loading and Dynamic High Resolution tiling.
+
+`dynamic_preprocess` picks the tile grid closest to the image's aspect ratio (ties go to the larger
+grid only when the image covers more than half of it), resizes, crops row-major and appends a
+thumbnail; `tiles_to_tensor` applies the ImageNet normalisation.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from internvl35.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 64_000_000  # decompression-bomb guard: refuse larger images before decoding
+
+ImageLike = Image.Image | str | Path | bytes
+
+
+def load_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A path, raw bytes or PIL image -> RGB PIL image; a clear InputError on anything unusable."""
+    if isinstance(src, Image.Image):
+        return src.convert("RGB")
+    try:
+        if isinstance(src, bytes):
+            img = Image.open(io.BytesIO(src))
+        else:
+            img = Image.open(Path(src))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise InputError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
+        img.load()
+        return img.convert("RGB")
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"image not found: {src}") from None
+    except Exception as e:  # PIL raises many types for bad data; all mean the same to the user
+        what = "image data" if isinstance(src, bytes) else str(src)
+        raise InputError(f"cannot decode {what} as an image: {e}") from None
+
+
+def target_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """All (columns, rows) with min_num <= columns*rows <= max_num, by ascending tile count."""
+    grids = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1)
+             for j in range(1, n + 1) if min_num <= i * j <= max_num}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def closest_grid(width: int, height: int, grids: list[tuple[int, int]], image_size: int) -> tuple[int, int]:
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for i, j in grids:
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * image_size * image_size * i * j:
+            best = (i, j)
+    return best
+
+
+def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448,
+                       use_thumbnail: bool = True) -> list[Image.Image]:
+    """Split an image into an aspect-preserving grid of square tiles (+ a thumbnail when > 1 tile)."""
+    w, h = image.size
+    cols, rows = closest_grid(w, h, target_grids(min_num, max_num), image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    tiles = [resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def tiles_to_tensor(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
+    """PIL tiles -> normalised float32 [N, 3, S, S]."""
+    arrays = []
+    for t in tiles:
+        if t.size != (image_size, image_size):
+            t = t.resize((image_size, image_size), Image.BICUBIC)
+        arrays.append(np.asarray(t.convert("RGB"), dtype=np.float32))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess_image(src: ImageLike, image_size: int, max_num: int = 12, use_thumbnail: bool = True,
+                     dynamic: bool = True) -> torch.Tensor:
+    """One image -> its normalised tiles [N, 3, S, S]."""
+    img = load_image(src)
+    tiles = dynamic_preprocess(img, 1, max_num if dynamic else 1, image_size, use_thumbnail)
+    return tiles_to_tensor(tiles, image_size)

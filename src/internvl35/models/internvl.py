@@ -1,0 +1,132 @@
+"""InternVL: ViT -> pixel shuffle -> MLP projector -> LLM, with the optional Flash router.
+
+`encode_images` is separate from `forward` so the same module serves the plain forward, the engine,
+and the two halves of decoupled (vision server / language server) deployment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internvl35.config import ModelConfig
+from internvl35.models.layers import AttentionCache
+from internvl35.models.projector import (CrossAttentionPooling, Gating, flash_compress_decision, make_mlp1,
+                                         make_mlp2, pixel_shuffle)
+from internvl35.models.qwen3 import Qwen3ForCausalLM
+from internvl35.models.vit import InternVisionModel
+
+
+class InternVLModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tie_embeddings: bool | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C, D = cfg.vision.hidden_size, cfg.text.hidden_size
+        self.vision_model = InternVisionModel(cfg.vision)
+        self.mlp1 = make_mlp1(C, D, cfg.downsample_ratio)
+        self.language_model = Qwen3ForCausalLM(cfg.text, tie_embeddings)
+        if cfg.flash is not None:
+            self.mlp2 = make_mlp2(C, D, cfg.downsample_ratio / 2)
+            self.pooling_before_gating = CrossAttentionPooling(C)
+            self.gating = Gating(C)
+        # Resolved from the checkpoint's tokenizer by the loader; the model itself never tokenizes.
+        self.image_token_id: int | None = None
+
+    # --- vision side ---------------------------------------------------------------------------
+    def vit_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, S, S] -> ViT patch tokens without CLS [N, P, C]."""
+        return self.vision_model(pixel_values, self.cfg.select_layer)[:, 1:]
+
+    def project(self, vit: torch.Tensor) -> torch.Tensor:
+        """[N, P, C] -> [N, 256, D] (pixel shuffle 0.5 + mlp1)."""
+        return self.mlp1(pixel_shuffle(vit, self.cfg.downsample_ratio))
+
+    def project_flash(self, vit: torch.Tensor) -> torch.Tensor:
+        """[N, P, C] -> [N, 64, D] (pixel shuffle 0.25 + mlp2)."""
+        return self.mlp2(pixel_shuffle(vit, self.cfg.downsample_ratio / 2))
+
+    def router_logits(self, vit: torch.Tensor) -> torch.Tensor:
+        """[N, P, C] -> [N, 2]; softmax(...)[:, 0] is the probability that 64 tokens suffice."""
+        return self.gating(self.pooling_before_gating(vit))
+
+    def encode_images(self, pixel_values: torch.Tensor, flash: tuple[float, float] | None = None
+                      ) -> tuple[torch.Tensor, list[int]]:
+        """All tiles of one request [N, 3, S, S] -> (features [M, D], tokens per tile).
+
+        `flash=(relative, absolute)` runs the router over the request's tiles and keeps 64 tokens for
+        the tiles it compresses; without it every tile gets 256 tokens (Flash weights unused).
+        """
+        vit = self.vit_tokens(pixel_values)
+        full = self.project(vit)  # [N, 256, D]
+        if flash is None:
+            return full.reshape(-1, full.shape[-1]), [full.shape[1]] * full.shape[0]
+        if self.cfg.flash is None:
+            raise ValueError("flash thresholds given but this checkpoint has no Flash router")
+        small = self.project_flash(vit)  # [N, 64, D]
+        p = F.softmax(self.router_logits(vit).float(), dim=-1)[:, 0]
+        compress = flash_compress_decision(p, *flash).tolist()
+        tiles = [small[i] if c else full[i] for i, c in enumerate(compress)]
+        return torch.cat(tiles), [t.shape[0] for t in tiles]
+
+    # --- language side -------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every <IMG_CONTEXT> position overwritten by the next feature row."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # [B, L, D]
+        if image_features is None:
+            return embeds
+        if self.image_token_id is None:
+            raise ValueError("image_token_id is not set; load the model with its tokenizer")
+        slots = input_ids == self.image_token_id
+        n = int(slots.sum())
+        if n != image_features.shape[0]:
+            raise ValueError(f"image features and image tokens do not match: tokens {n}, "
+                             f"features {image_features.shape[0]}")
+        return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                image_features: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: AttentionCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, L] with expanded <IMG_CONTEXT> tokens -> logits [B, L, V] ([B, 1, V] if last_only).
+
+        `attention_mask` [B, L] (1 = token, 0 = left padding) is honoured when no cache is given.
+        """
+        if pixel_values is not None and image_features is None:
+            image_features, _ = self.encode_images(pixel_values)
+        h = self.embed(input_ids, image_features)
+        mask = None
+        if positions is None:
+            if attention_mask is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if attention_mask is not None and cache is None:
+            mask = padded_causal_mask(attention_mask.bool())
+        h = self.language_model.model(h, positions, cache, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.language_model.logits(h)
+
+
+def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """valid [B, L] -> boolean [B, 1, L, L]: causal, padding keys hidden; every query sees itself so
+    padded rows stay finite."""
+    L = valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+def flash_keep_mask(input_ids: torch.Tensor, image_token_id: int, tokens_per_tile: list[int],
+                    tile_tokens: int) -> torch.Tensor:
+    """Positions [L] of a 1-D prompt to keep after Flash compaction: a compressed tile keeps the first
+    `tokens_per_tile[i]` of its `tile_tokens` <IMG_CONTEXT> slots; all other tokens stay."""
+    slots = (input_ids == image_token_id).nonzero().flatten()
+    if slots.numel() != tile_tokens * len(tokens_per_tile):
+        raise ValueError(f"prompt has {slots.numel()} image tokens, expected {tile_tokens} x "
+                         f"{len(tokens_per_tile)} tiles")
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for i, n in enumerate(tokens_per_tile):
+        keep[slots[i * tile_tokens + n:(i + 1) * tile_tokens]] = False
+    return keep

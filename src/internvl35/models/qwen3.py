@@ -1,0 +1,111 @@
+"""Qwen3 decoder (dense or MoE), the LLM of every Qwen3-based InternVL3.5 size.
+
+GQA attention with per-head q/k RMSNorm before RoPE, SwiGLU MLP or `Qwen3MoE`, pre-norm blocks.
+Names match `language_model.*` in the checkpoints. Attention either runs causally over the given
+tokens or through an `AttentionCache` (static cache for `generate`, paged cache for the engine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internvl35.config import TextConfig
+from internvl35.models.layers import AttentionCache, RMSNorm, apply_rope, attention, rope_cos_sin
+from internvl35.models.moe import Qwen3MoE
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.H, self.K, self.Dh = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.H * self.Dh, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.K * self.Dh, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.K * self.Dh, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: AttentionCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, self.H, self.Dh)).transpose(1, 2)  # [B, H, L, Dh]
+        k = self.k_norm(self.k_proj(x).view(B, L, self.K, self.Dh)).transpose(1, 2)  # [B, K, L, Dh]
+        v = self.v_proj(x).view(B, L, self.K, self.Dh).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            out = cache.attend(self.layer, q, k, v)
+        else:
+            out = attention(q, k, v, causal=True, mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.H * self.Dh))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, dim: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen3Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen3MoE(cfg) if cfg.moe else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: AttentionCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: AttentionCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds [B, L, D], positions [B, L] -> final hidden states [B, L, D]."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cache, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache, mask)
+        return self.norm(h)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """`model` + `lm_head`; with tied embeddings the head reuses `model.embed_tokens.weight`."""
+
+    def __init__(self, cfg: TextConfig, tie_embeddings: bool | None = None) -> None:
+        super().__init__()
+        if cfg.arch == "gpt_oss":
+            from internvl35.errors import UnsupportedArchitectureError
+            raise UnsupportedArchitectureError(
+                "GPT-OSS (InternVL3.5-20B-A4B) blocks are not supported yet: its config and preset are "
+                "known, but attention sinks, sliding windows and its MoE are not implemented")
+        self.model = Qwen3Model(cfg)
+        self.tied = cfg.tie_embeddings if tie_embeddings is None else tie_embeddings
+        if not self.tied:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight)

@@ -1,0 +1,1 @@
+"""Checkpoints: config.json formats, the key map between formats, streaming load and export."""
