@@ -42,3 +42,35 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             else:
                 fan_in = p[0].numel() if p.ndim > 1 else 1
                 p.copy_(noise / fan_in**0.5)
+
+
+def tiny_config(vocab: int, **overrides):
+    """The `mini` preset shrunk further for unit tests (keeps every flag of the preset)."""
+    import dataclasses
+
+    from internvl35.config import get_config
+
+    base = get_config("mini")
+    vision = dataclasses.replace(base.vision, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                 image_size=112)
+    text = dataclasses.replace(base.text, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                               intermediate_size=128, vocab_size=vocab)
+    return dataclasses.replace(base, vision=vision, text=text, **overrides)
+
+
+def write_tiny(path, tokenizer, cfg=None, fmt: str = "custom", seed: int = 0):
+    """A random tiny checkpoint written by this package; returns its directory."""
+    from internvl35.models.internvl import InternVLModel
+    from internvl35.weights.convert import write_checkpoint
+
+    cfg = cfg or tiny_config(tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    model = InternVLModel(cfg)
+    randomize_(model, seed)
+    write_checkpoint(model, tokenizer, path, fmt, torch.float32)
+    return path
+
+
+@pytest.fixture()
+def tiny_ckpt(tmp_path, tokenizer):
+    return write_tiny(tmp_path / "tiny", tokenizer)

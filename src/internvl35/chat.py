@@ -14,7 +14,7 @@ import torch
 
 from internvl35.config import CONFIGS, ModelConfig
 from internvl35.data.image import ImageLike, preprocess_image, tiles_to_tensor
-from internvl35.data.template import IMAGE_PLACEHOLDER, THINKING_SYSTEM, expand_image_tokens, get_template, image_prefix
+from internvl35.data.template import THINKING_SYSTEM, attach_images, expand_image_tokens, get_template
 from internvl35.data.tokenizer import Tokenizer
 from internvl35.data.video import load_frames
 from internvl35.errors import CheckpointError, InputError
@@ -31,6 +31,7 @@ MINI_DIR = Path(__file__).parent / "assets" / "mini"
 class Prompt:
     """One rendered request: token ids, its image tiles and how many tiles each image has."""
 
+    question: str  # the question as placed in the template (with image placeholder lines)
     text: str
     input_ids: list[int]
     pixel_values: torch.Tensor | None
@@ -78,17 +79,16 @@ class ChatModel:
             tiles = [tiles_to_tensor([f], S) for f in frames]
         else:
             tiles = self.image_tiles(list(images), max_tiles)
-        placed = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history) + question.count(IMAGE_PLACEHOLDER)
-        if tiles and placed == 0:
-            question = image_prefix(len(tiles), video=video is not None) + question
-        elif placed != len(tiles):
-            raise InputError(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles)} image(s)/frame(s)")
+        try:
+            question = attach_images(question, list(history), len(tiles), video is not None)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if thinking and system is None:
             system = THINKING_SYSTEM
         text = self.template.render(question, list(history), system)
         text = expand_image_tokens(text, [t.shape[0] for t in tiles], self.cfg.num_image_token)
         pixel_values = torch.cat(tiles) if tiles else None
-        return Prompt(text, self.tokenizer.encode(text), pixel_values, [t.shape[0] for t in tiles])
+        return Prompt(question, text, self.tokenizer.encode(text), pixel_values, [t.shape[0] for t in tiles])
 
     def _flash(self, flash: bool | None, relative: float | None, absolute: float | None
                ) -> tuple[float, float] | None:
@@ -117,16 +117,9 @@ class ChatModel:
         return ids, feats
 
     # --- generation ----------------------------------------------------------------------------
-    def stream_chat(self, question: str, images: list[ImageLike] = (), *, video=None,
-                    history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,
-                    max_tiles: int | None = None, num_frames: int = 8, flash: bool | None = None,
-                    flash_relative_threshold: float | None = None, flash_absolute_threshold: float | None = None,
-                    **sampling) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated."""
-        params = SamplingParams(**sampling)
-        prompt = self.build_prompt(question, images, video, history, thinking, system, max_tiles, num_frames)
+    def _stream(self, prompt: Prompt, flash: tuple[float, float] | None, params: SamplingParams) -> Iterator[str]:
         self._check_length(len(prompt.input_ids) + params.max_new_tokens)
-        ids, feats = self.encode(prompt, self._flash(flash, flash_relative_threshold, flash_absolute_threshold))
+        ids, feats = self.encode(prompt, flash)
         out: list[int] = []
         sent = ""
         for step in generate_stream(self.model, [ids], params, self.stop_ids, feats, self.tokenizer.pad_id):
@@ -142,15 +135,40 @@ class ChatModel:
         if len(text) > len(sent):
             yield text[len(sent):]
 
-    def chat(self, question: str, images: list[ImageLike] = (), *, return_history: bool = False,
-             history: list[tuple[str, str]] = (), **kw) -> str | tuple[str, list[tuple[str, str]]]:
-        """Answer `question` about `images` (or `video=`); `thinking=True` uses the reasoning prompt."""
-        answer = "".join(self.stream_chat(question, images, history=history, **kw)).strip()
+    def _request(self, question: str, images, video, history, thinking, system, max_tiles, num_frames,
+                 flash, flash_relative_threshold, flash_absolute_threshold, sampling):
+        params = SamplingParams(**sampling)
+        prompt = self.build_prompt(question, images, video, history, thinking, system, max_tiles, num_frames)
+        return prompt, self._flash(flash, flash_relative_threshold, flash_absolute_threshold), params
+
+    def stream_chat(self, question: str, images: list[ImageLike] = (), *, video=None,
+                    history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,
+                    max_tiles: int | None = None, num_frames: int = 8, flash: bool | None = None,
+                    flash_relative_threshold: float | None = None, flash_absolute_threshold: float | None = None,
+                    **sampling) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (arguments as in `chat`)."""
+        yield from self._stream(*self._request(
+            question, images, video, history, thinking, system, max_tiles, num_frames, flash,
+            flash_relative_threshold, flash_absolute_threshold, sampling))
+
+    def chat(self, question: str, images: list[ImageLike] = (), *, video=None,
+             history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,
+             max_tiles: int | None = None, num_frames: int = 8, flash: bool | None = None,
+             flash_relative_threshold: float | None = None, flash_absolute_threshold: float | None = None,
+             return_history: bool = False, **sampling) -> str | tuple[str, list[tuple[str, str]]]:
+        """Answer `question` about `images` (paths, bytes or PIL) or a `video`.
+
+        `history` holds earlier (question, answer) turns; `thinking=True` uses the reasoning system
+        prompt; `flash` and the thresholds override the checkpoint's Flash settings for this call;
+        `sampling` takes the `SamplingParams` fields (max_new_tokens, temperature, top_p, ...).
+        """
+        prompt, fl, params = self._request(question, images, video, history, thinking, system, max_tiles,
+                                           num_frames, flash, flash_relative_threshold,
+                                           flash_absolute_threshold, sampling)
+        answer = "".join(self._stream(prompt, fl, params)).strip()
         if not return_history:
             return answer
-        if images and not any(IMAGE_PLACEHOLDER in q for q, _ in history) and IMAGE_PLACEHOLDER not in question:
-            question = image_prefix(len(images)) + question
-        return answer, [*history, (question, answer)]
+        return answer, [*history, (prompt.question, answer)]
 
     @torch.inference_mode()
     def batch_chat(self, questions: list[str], images: list[list[ImageLike]] | None = None,

@@ -68,6 +68,16 @@ def image_prefix(num_images: int, video: bool = False) -> str:
     return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1))
 
 
+def attach_images(question: str, history: list[tuple[str, str]], count: int, video: bool = False) -> str:
+    """Prefix the question with placeholder lines when neither it nor the history places the images."""
+    placed = question.count(IMAGE_PLACEHOLDER) + sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history)
+    if count and placed == 0:
+        return image_prefix(count, video) + question
+    if placed != count:
+        raise ValueError(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) but {count} image(s)/frame(s)")
+    return question
+
+
 def expand_image_tokens(prompt: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
     """Replace the k-th `<image>` by `<img>` + `<IMG_CONTEXT>` x (tokens_per_tile * tiles_k) + `</img>`."""
     count = prompt.count(IMAGE_PLACEHOLDER)

@@ -1,0 +1,137 @@
+"""Command line: `internvl35 chat | convert | info` (thin: parses arguments, calls the library)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from internvl35.errors import InternVLError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="InternVL3.5 in plain PyTorch.")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Run a command; our errors (and missing files) become one line on stderr and exit code 1."""
+    try:
+        fn()
+    except (InternVLError, FileNotFoundError, ValueError) as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _answer(model, question: str, images: list[Path], video, history: list, stream: bool,
+            **kw) -> str:
+    pieces = model.stream_chat(question, images, video=video, history=history, **kw)
+    if not stream:
+        return "".join(pieces).strip()
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(out).strip()
+
+
+@app.command()
+def chat(
+    question: Optional[str] = typer.Argument(None, help="Question; omit for an interactive session."),
+    model: str = typer.Option("mini", "--model", "-m", help="Checkpoint directory or 'mini'."),
+    image: list[Path] = typer.Option([], "--image", "-i", help="Image file (repeatable)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="Video file, GIF or folder of frames."),
+    thinking: bool = typer.Option(False, "--thinking", help="Reason inside <think> first."),
+    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="Max dynamic tiles per image."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    flash: Optional[bool] = typer.Option(None, "--flash/--no-flash", help="Flash router on/off (Flash models)."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Chat about images or a video with an InternVL3.5 checkpoint."""
+
+    def run() -> None:
+        import internvl35
+        from internvl35.data.template import attach_images
+        from internvl35.data.video import load_frames
+
+        m = internvl35.load(model, device=device)
+        kw = dict(thinking=thinking, max_tiles=max_tiles, flash=flash, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, seed=seed)
+        if question is not None:
+            answer = _answer(m, question, image, video, [], stream, **kw)
+            if not stream:
+                typer.echo(answer)
+            return
+        history: list[tuple[str, str]] = []
+        frames = load_frames(video) if video is not None else None  # decode once for all turns
+        while True:  # interactive: the images stay attached to the first turn
+            try:
+                q = input("user> ").strip()
+            except EOFError:
+                break
+            if q in ("exit", "quit"):
+                break
+            if not q:
+                continue
+            q = attach_images(q, history, len(frames) if frames else len(image), frames is not None)
+            if not stream:
+                typer.echo("assistant> ", nl=False)
+            answer = _answer(m, q, image, frames, history, stream, **kw)
+            if not stream:
+                typer.echo(answer)
+            history.append((q, answer))
+
+    _run(run)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Source checkpoint directory."),
+    dst: Path = typer.Argument(..., help="Output directory (created)."),
+    to: str = typer.Option(..., "--to", help="'hf' or 'custom'."),
+) -> None:
+    """Rewrite a checkpoint in the other format (config, weights, tokenizer)."""
+
+    def run() -> None:
+        from internvl35.weights.convert import convert as do_convert
+
+        do_convert(src, dst, to)
+        typer.echo(f"wrote {to} checkpoint to {dst}")
+
+    _run(run)
+
+
+@app.command()
+def info(path: str = typer.Argument("mini", help="Checkpoint directory or 'mini'.")) -> None:
+    """Size, format, parameter counts and dtype of a checkpoint (read from headers only)."""
+
+    def run() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from internvl35.weights.inspect import describe
+
+        table = Table(show_header=False)
+        for k, v in describe(path).items():
+            table.add_row(k, str(v))
+        Console().print(table)
+
+    _run(run)
+
+
+if __name__ == "__main__":
+    app()
