@@ -133,5 +133,47 @@ def info(path: str = typer.Argument("mini", help="Checkpoint directory or 'mini'
     _run(run)
 
 
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training YAML (see configs/)."),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Override the config's out_dir."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in out_dir."),
+) -> None:
+    """Pre-train or fine-tune (resumes from out_dir/checkpoint when present)."""
+
+    def run() -> None:
+        from internvl35.train.config import load_config
+        from internvl35.train.loop import train as do_train
+
+        final = do_train(load_config(config, out_dir=out_dir), resume=not fresh)
+        typer.echo(f"checkpoint: {final}")
+
+    _run(run)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option("mini", "--model", "-m", help="Checkpoint directory or 'mini'."),
+    suite: str = typer.Option("mini", "--suite", help="mini | mini-alt"),
+    n: int = typer.Option(100, "--n", help="Samples per task."),
+    family: list[str] = typer.Option([], "--family", help="Only these families (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "--json", help="Write the report here."),
+) -> None:
+    """Accuracy per task family on held-out samples of the mini world."""
+
+    def run() -> None:
+        import internvl35
+        from internvl35.eval.runner import SUITES, print_table, run_suite, save_report
+
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+        report = run_suite(internvl35.load(model), suite, n, families=family or None)
+        print_table(report)
+        if output:
+            save_report(report, output)
+
+    _run(run)
+
+
 if __name__ == "__main__":
     app()

@@ -137,11 +137,11 @@ GPT_OSS_20B = TextConfig(
 )
 
 # The tiny presets: same code paths as the released sizes, small enough for CPU tests and training.
-MINI_VIT = VisionConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                        image_size=224, patch_size=14)
-MINI_TEXT = TextConfig(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=64,
-                       intermediate_size=768, vocab_size=2048, tie_embeddings=True,
-                       max_position_embeddings=8192)
+MINI_VIT = VisionConfig(hidden_size=192, num_layers=6, num_heads=3, intermediate_size=768,
+                        image_size=112, patch_size=14)
+MINI_TEXT = TextConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                       intermediate_size=768, vocab_size=1024, tie_embeddings=True,
+                       max_position_embeddings=4096)
 
 CONFIGS: dict[str, ModelConfig] = {
     "1B": ModelConfig(name="InternVL3.5-1B", vision=VIT_300M, text=_qwen3(1024, 28, 16, 8, 3072)),

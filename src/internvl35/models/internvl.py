@@ -87,21 +87,21 @@ class InternVLModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 image_features: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: AttentionCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """input_ids [B, L] with expanded <IMG_CONTEXT> tokens -> logits [B, L, V] ([B, 1, V] if last_only).
 
-        `attention_mask` [B, L] (1 = token, 0 = left padding) is honoured when no cache is given.
+        `attention_mask` [B, L] (1 = token, 0 = left padding) is honoured when no cache is given;
+        `mask` [B, 1, L, L] (True = attend) replaces it, e.g. block-diagonal masks of packed sequences.
         """
         if pixel_values is not None and image_features is None:
             image_features, _ = self.encode_images(pixel_values)
         h = self.embed(input_ids, image_features)
-        mask = None
         if positions is None:
             if attention_mask is None:
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             else:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if attention_mask is not None and cache is None:
+        if mask is None and attention_mask is not None and cache is None:
             mask = padded_causal_mask(attention_mask.bool())
         h = self.language_model.model(h, positions, cache, mask)
         if last_only:

@@ -1,0 +1,146 @@
+"""Core inference benchmark: internvl35 vs transformers on the same random 1B-shaped fp32 model (CPU).
+
+Prints prefill (one 448px tile + text) and decode tokens/s for both, side by side, together with the
+machine's fp32 matmul peak and memory bandwidth measured in the same run, the fraction of each
+bound reached, and the peak RSS of `internvl35.load` relative to the model's size in memory.
+
+    .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import best_of, matmul_peak_flops, memory_bandwidth  # noqa: E402
+
+import internvl35  # noqa: E402
+from internvl35.config import get_config  # noqa: E402
+from internvl35.data.tokenizer import train_bpe  # noqa: E402
+from internvl35.generate import generate_stream  # noqa: E402
+from internvl35.models.internvl import InternVLModel  # noqa: E402
+from internvl35.sampling import SamplingParams  # noqa: E402
+from internvl35.weights.convert import write_checkpoint  # noqa: E402
+
+
+def prefill_flops(cfg, n_text: int) -> float:
+    """Matmul FLOPs of one prefill: ViT over 1025 tokens, projector, LLM over the prompt, one head row."""
+    v, t = cfg.vision, cfg.text
+    P = v.grid**2 + 1
+    vit = v.num_layers * 2 * P * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    vit += v.num_layers * 4 * P * P * v.hidden_size  # attention scores and values
+    w = 4 * v.hidden_size
+    proj = 2 * cfg.num_image_token * (w * t.hidden_size + t.hidden_size**2)
+    L = n_text
+    qkvo = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    llm = t.num_layers * 2 * L * (qkvo + 3 * t.hidden_size * t.intermediate_size)
+    llm += t.num_layers * 4 * L * L * t.num_heads * t.head_dim / 2  # causal attention
+    return vit + proj + llm + 2 * t.hidden_size * t.vocab_size
+
+
+def decode_bytes(model: InternVLModel) -> int:
+    """Bytes of weights one decode step must read: every LLM matrix except the embedding table."""
+    lm = model.language_model
+    n = sum(p.numel() for n_, p in lm.named_parameters() if "embed_tokens" not in n_)
+    if lm.tied:
+        n += lm.model.embed_tokens.weight.numel()
+    return n * 4
+
+
+def measure_load_rss(path: Path) -> dict:
+    code = ("import resource, sys, internvl35; import torch; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"m = internvl35.load(r'{path}');"
+            "size = sum(p.numel() * p.element_size() for p in m.model.parameters());"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "print(base * 1024, peak * 1024, size)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    base, peak, size = map(int, out)
+    return {"rss_base": base, "rss_peak": peak, "weights": size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="1B")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import InternVLForConditionalGeneration
+
+    tok = train_bpe(["What is in this image? Describe it in detail please."] * 10, 400)
+    cfg = get_config(args.preset)
+    print(f"building random {args.preset}-shaped model ({args.threads} threads) ...", flush=True)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours_model = InternVLModel(cfg)
+    ours_model = ours_model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in ours_model.parameters():
+            p.normal_(0, 0.02)
+    tmp = Path(tempfile.mkdtemp())
+    write_checkpoint(ours_model, tok, tmp / "ckpt", "hf", torch.bfloat16)
+    del ours_model
+    rss = measure_load_rss(tmp / "ckpt")
+    ours = internvl35.load(tmp / "ckpt")
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp / "ckpt", dtype=torch.float32).eval()
+    from PIL import Image
+    img = Image.new("RGB", (448, 448), (120, 30, 200))
+    prompt = ours.build_prompt("What is in this image? Describe it in detail please.", [img], max_tiles=1)
+    ids, pv = torch.tensor([prompt.input_ids]), prompt.pixel_values
+    L = ids.shape[1]
+
+    peak = matmul_peak_flops()
+    bw = memory_bandwidth()
+    flops = prefill_flops(cfg, L)
+    with torch.inference_mode():
+        t_ours = best_of(lambda: ours.model(ids, pv, last_only=True), 3)
+        t_hf = best_of(lambda: hf(input_ids=ids, pixel_values=pv, logits_to_keep=1), 3)
+
+    n = args.decode_tokens
+    params = SamplingParams(max_new_tokens=n + 1)
+    feats, _ = ours.model.encode_images(pv)
+
+    def ours_decode() -> float:
+        it = generate_stream(ours.model, [prompt.input_ids], params, set(), feats)
+        next(it)  # the prefill
+        t = time.perf_counter()
+        for _ in it:
+            pass
+        return n / (time.perf_counter() - t)
+
+    def hf_decode() -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            hf.generate(input_ids=ids, pixel_values=pv, max_new_tokens=1, do_sample=False)
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            hf.generate(input_ids=ids, pixel_values=pv, max_new_tokens=n + 1, do_sample=False, min_new_tokens=n + 1)
+            return n / (time.perf_counter() - t - t1)
+
+    d_ours = max(ours_decode() for _ in range(2))
+    d_hf = max(hf_decode() for _ in range(2))
+    bound = bw / decode_bytes(ours.model)
+    res = {
+        "prompt_tokens": L, "matmul_peak_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
+        "prefill_tok_s": {"internvl35": L / t_ours, "transformers": L / t_hf},
+        "prefill_frac_of_peak": {"internvl35": flops / t_ours / peak, "transformers": flops / t_hf / peak},
+        "decode_tok_s": {"internvl35": d_ours, "transformers": d_hf, "bandwidth_bound": bound},
+        "decode_frac_of_bound": {"internvl35": d_ours / bound, "transformers": d_hf / bound},
+        "speedup": {"prefill": t_hf / t_ours, "decode": d_ours / d_hf},
+        "load_rss_over_weights": rss["rss_peak"] / rss["weights"],
+        "load_rss_minus_import_over_weights": (rss["rss_peak"] - rss["rss_base"]) / rss["weights"],
+        "weights_gb": rss["weights"] / 1e9,
+    }
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

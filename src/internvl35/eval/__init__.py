@@ -1,0 +1,1 @@
+"""Evaluation: held-out mini-world suites scored by each family's checker."""

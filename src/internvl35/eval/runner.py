@@ -1,0 +1,70 @@
+"""Runs a suite: greedy answers for held-out samples, scored per family; a rich table and JSON.
+
+Held-out means seeds >= 2**48: training draws its world seeds below that bound.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from internvl35.chat import ChatModel
+from internvl35.data.template import THINKING_SYSTEM
+from internvl35.data.world import FAMILIES, Style, generate, is_correct
+
+HELD_OUT = 2**48
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # row in the table
+    family: str
+    style: Style = Style()
+    max_tiles: int | None = None
+
+
+SUITES: dict[str, list[Task]] = {
+    "mini": [Task(f, f) for f in FAMILIES] + [Task("hires@1tile", "hires", max_tiles=1)],
+    "mini-alt": [Task(f"{f}/alt", f, Style(alt=True)) for f in FAMILIES if f != "text_only"],
+}
+
+
+def run_suite(model: ChatModel, suite: str, n: int = 100, max_new_tokens: int = 64,
+              families: list[str] | None = None, progress: bool = True) -> dict:
+    tasks = [t for t in SUITES[suite] if families is None or t.family in families]
+    results: dict[str, list[bool]] = defaultdict(list)
+    examples: dict[str, list[dict]] = defaultdict(list)
+    jobs = [(t, i) for t in tasks for i in range(n)]
+    for t, i in (track(jobs, description=f"eval {suite}") if progress else jobs):
+        s = generate(t.family, HELD_OUT + i, t.style)
+        kw = {"video": s.images} if s.video else {}
+        pred = model.chat(s.question, [] if s.video else s.images, max_new_tokens=max_new_tokens,
+                          max_tiles=t.max_tiles, system=THINKING_SYSTEM if s.thinking else None, **kw)
+        ok = is_correct(s, pred)
+        results[t.name].append(ok)
+        if len(examples[t.name]) < 3:
+            examples[t.name].append({"question": s.question, "answer": s.answer, "prediction": pred, "correct": ok})
+    acc = {k: sum(v) / len(v) for k, v in results.items()}
+    main = [k for k in acc if k in FAMILIES or k.endswith("/alt")]
+    return {"suite": suite, "n": n, "accuracy": acc,
+            "overall": sum(acc[k] for k in main) / max(1, len(main)), "examples": examples}
+
+
+def print_table(report: dict, console: Console | None = None) -> None:
+    table = Table(title=f"suite {report['suite']} ({report['n']} samples per row)")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for k, v in report["accuracy"].items():
+        table.add_row(k, f"{v:.1%}")
+    table.add_row("[bold]overall", f"[bold]{report['overall']:.1%}")
+    (console or Console()).print(table)
+
+
+def save_report(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2))

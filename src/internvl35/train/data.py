@@ -1,0 +1,66 @@
+"""Where training examples come from: a weighted mix of the mini world and JSONL conversation files,
+deterministic by (seed, stage, example index) so that a resumed run sees exactly the same data."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+
+from internvl35.data.sft import Example, ImageSettings, jsonl_records, tokenize_record, world_record
+from internvl35.data.template import Template
+from internvl35.data.tokenizer import Tokenizer
+from internvl35.train.config import DataSource, Stage
+
+
+class ExampleSource:
+    def __init__(self, stage: Stage, tok: Tokenizer, template: Template, settings: ImageSettings, seed: int):
+        self.stage, self.tok, self.template, self.settings, self.seed = stage, tok, template, settings, seed
+        self.sources = stage.data
+        self.weights = [d.weight for d in self.sources]
+        self._jsonl: dict[int, list] = {}
+
+    def _records(self, i: int, d: DataSource) -> list:
+        if i not in self._jsonl:
+            self._jsonl[i] = jsonl_records(Path(d.path))
+        return self._jsonl[i]
+
+    def example(self, idx: int) -> Example:
+        rng = random.Random(f"{self.seed}:{self.stage.name}:{idx}")
+        i = rng.choices(range(len(self.sources)), self.weights)[0]
+        d = self.sources[i]
+        settings = self.settings if not d.jpeg_augment else ImageSettings(
+            self.settings.image_size, self.settings.max_tiles, self.settings.tokens_per_tile,
+            self.settings.use_thumbnail, jpeg_augment=True)
+        if d.source == "world":
+            from internvl35.data.world import FAMILIES
+            fams = d.families or {f: 1.0 for f in FAMILIES}
+            family = rng.choices(list(fams), list(fams.values()))[0]
+            record, root = world_record(family, rng.getrandbits(48)), None
+        elif d.source == "jsonl":
+            records = self._records(i, d)
+            epoch, k = divmod(idx, len(records))
+            order = list(range(len(records)))
+            random.Random(f"{self.seed}:{d.path}:{epoch}").shuffle(order)  # reshuffled every pass
+            record, root = records[order[k]], Path(d.root) if d.root else Path(d.path).parent
+        else:
+            raise ValueError(f"unknown data source {d.source!r} (use 'world' or 'jsonl')")
+        return tokenize_record(record, self.tok, self.template, settings, rng, root)
+
+    def stream(self, start: int) -> Iterator[tuple[int, Example]]:
+        for idx in count(start):
+            yield idx, self.example(idx)
+
+
+def world_corpus(n_per_family: int = 400, seed: int = 12345) -> list[str]:
+    """Text of the mini world (questions, answers, templates) to train its tokenizer on."""
+    from internvl35.data.template import DEFAULT_SYSTEM, THINKING_SYSTEM
+    from internvl35.data.world import FAMILIES, generate
+
+    texts = [DEFAULT_SYSTEM, THINKING_SYSTEM, "system\n", "user\n", "assistant\n"]
+    for fam in FAMILIES:
+        for i in range(n_per_family):
+            s = generate(fam, seed + i)
+            texts += [s.question, s.answer]
+    return texts

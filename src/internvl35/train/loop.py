@@ -1,0 +1,196 @@
+"""The training loop (the only one): packed sequences, square-averaged response loss, AdamW with
+warm-up + cosine per stage, accumulation, clipping, fp32 or bf16 autocast, exact resume, FSDP2.
+
+    internvl35 train CONFIG.yaml                       # one process
+    torchrun --nproc_per_node=2 -m internvl35.train CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from internvl35.config import get_config
+from internvl35.data.sft import ImageSettings, Pack, pack_stream
+from internvl35.data.template import get_template
+from internvl35.data.tokenizer import Tokenizer, train_bpe
+from internvl35.hardware import matmul_peak_flops
+from internvl35.models.internvl import InternVLModel
+from internvl35.models.moe import Qwen3MoE, load_balancing_loss
+from internvl35.train import checkpoint
+from internvl35.train.config import Stage, TrainConfig
+from internvl35.train.data import ExampleSource, world_corpus
+from internvl35.train.losses import square_weights, weighted_lm_loss_sum
+from internvl35.train.parallel import Dist, parallelize
+from internvl35.train.report import MetricsLog
+
+
+def init_weights(model: InternVLModel) -> None:
+    """Fresh weights for training from scratch (small normal init, unit norms, layer scale as configured)."""
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and name.endswith(("ls1", "ls2")):
+            nn.init.constant_(p, model.cfg.vision.layer_scale_init)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.ndim == 1:
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std=0.02)
+
+
+def build(cfg: TrainConfig) -> tuple[InternVLModel, Tokenizer, dict]:
+    """Model + tokenizer from a checkpoint directory (fine-tuning) or a preset (from scratch)."""
+    path = Path(cfg.model)
+    if path.is_dir():
+        from internvl35.weights.config_json import config_from_dict, read_config_json
+        from internvl35.weights.loader import load_weights
+        mcfg, fmt = config_from_dict(read_config_json(path), name=path.name)
+        model = load_weights(path, mcfg, fmt, torch.float32)
+        tok = Tokenizer.from_dir(Path(cfg.tokenizer) if cfg.tokenizer else path)
+        origin = {"init": str(path)}
+    else:
+        tok = Tokenizer.from_dir(Path(cfg.tokenizer)) if cfg.tokenizer else train_bpe(world_corpus(), cfg.vocab_size)
+        base = get_config(cfg.model)
+        mcfg = replace(base, text=replace(base.text, vocab_size=tok.vocab_size))
+        torch.manual_seed(cfg.seed)
+        model = InternVLModel(mcfg)
+        init_weights(model)
+        origin = {"init": f"preset {cfg.model}, seed {cfg.seed}"}
+    model.image_token_id = tok.img_context_id
+    return model, tok, origin
+
+
+def freeze(model: InternVLModel, parts: list[str]) -> None:
+    groups = {"vision": ["vision_model"], "projector": ["mlp1", "mlp2"], "llm": ["language_model"],
+              "router": ["pooling_before_gating", "gating"]}
+    unknown = set(parts) - set(groups)
+    if unknown:
+        raise ValueError(f"unknown freeze target(s) {sorted(unknown)}; use {sorted(groups)}")
+    frozen = tuple(p for part in parts for p in groups[part])
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+
+
+def make_optimizer(model: nn.Module, stage: Stage, cfg: TrainConfig):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr, betas=cfg.betas)
+
+    def factor(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        t = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[L] example ids -> [1, 1, L, L]: causal within each example of a pack, nothing across."""
+    L = segments.shape[0]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return (causal & (segments[:, None] == segments[None, :]))[None, None]
+
+
+def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainConfig, moe_coef: float) -> float:
+    """Forward + backward of one pack; returns its unscaled sum(w * CE)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        logits = model(p.input_ids[None], p.pixel_values, positions=p.positions[None],
+                       mask=block_causal_mask(p.segments))[0]
+    loss_sum = weighted_lm_loss_sum(logits, p.labels, weights)
+    loss = loss_sum * scale
+    if moe_coef:
+        aux = [m.last_router_logits for m in model.modules() if isinstance(m, Qwen3MoE)]
+        loss = loss + moe_coef * sum(load_balancing_loss(a, m.moe.top_k) for a, m in
+                                     zip(aux, [m for m in model.modules() if isinstance(m, Qwen3MoE)]))
+    loss.backward()
+    return float(loss_sum.detach())
+
+
+def flops_per_pack(model: InternVLModel, p: Pack) -> float:
+    """6 x parameters x tokens for the LLM and for the ViT over its patch tokens (matmuls only)."""
+    llm = sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n)
+    vit = sum(q.numel() for q in model.vision_model.parameters())
+    tiles = 0 if p.pixel_values is None else p.pixel_values.shape[0]
+    return 6 * (llm * p.input_ids.numel() + vit * tiles * (model.cfg.vision.grid**2 + 1))
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    """Run every stage of `cfg`; returns the final checkpoint directory."""
+    d = Dist.init()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.latest(out) if resume else None
+    if ckpt is not None:
+        cfg = replace(cfg, model=str(ckpt), tokenizer=str(ckpt))
+    model, tok, origin = build(cfg)
+    state = {"step": 0, "stage": 0, "stage_step": 0, "next_example": 0, **origin}
+    blobs = None
+    if ckpt is not None:
+        state, blobs = checkpoint.load_state(ckpt)
+        torch.set_rng_state(blobs["torch_rng"])
+    model.train()
+    settings = ImageSettings(model.cfg.vision.image_size, cfg.max_tiles or model.cfg.max_dynamic_patch,
+                             model.cfg.num_image_token, model.cfg.use_thumbnail)
+    template = get_template(model.cfg.template)
+    moe_coef = model.cfg.text.moe.router_aux_loss_coef if model.cfg.text.moe else 0.0
+    peak = matmul_peak_flops(1024) * (d.world if d.world > 1 else 1)
+    log = MetricsLog(out, cfg.total_steps, d.rank == 0)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    final = out / "checkpoint"
+    for si in range(state["stage"], len(cfg.stages)):
+        stage = cfg.stages[si]
+        freeze(model, stage.freeze)
+        wrapped = parallelize(model, d)
+        opt, sched = make_optimizer(wrapped, stage, cfg)
+        if blobs is not None:
+            opt.load_state_dict(blobs["optimizer"])
+            sched.load_state_dict(blobs["scheduler"])
+            blobs = None
+        source = ExampleSource(stage, tok, template, settings, cfg.seed)
+        packs = pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
+        while state["stage_step"] < stage.steps:
+            t0 = time.perf_counter()
+            step_packs = list(islice(packs, cfg.grad_accum))  # every rank builds the global batch
+            mine = step_packs[d.rank::d.world]
+            ws = [square_weights(p.labels, p.segments) for _, p in step_packs]
+            total_w = float(sum(w.sum() for w in ws))
+            loss_sum = sum(micro_step(wrapped, p, w, d.world / total_w, cfg, moe_coef)
+                           for (_, p), w in zip(mine, ws[d.rank::d.world]))
+            loss_sum = d.all_reduce_sum(loss_sum)
+            gnorm = float(torch.nn.utils.clip_grad_norm_([q for q in wrapped.parameters() if q.requires_grad],
+                                                         cfg.grad_clip))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.update(step=state["step"] + 1, stage_step=state["stage_step"] + 1,
+                         next_example=step_packs[-1][0], stage=si)
+            dt = time.perf_counter() - t0
+            tokens = sum(p.input_ids.numel() for _, p in step_packs)
+            flops = sum(flops_per_pack(model, p) for _, p in step_packs)
+            log.step(state["step"], stage=stage.name, loss=loss_sum / total_w, lr=sched.get_last_lr()[0],
+                     grad_norm=gnorm, tokens=tokens, tok_s=tokens / dt, samples=sum(p.num_examples for _, p in step_packs),
+                     mfu=flops / dt / peak, dt=dt)
+            last = state["stage_step"] == stage.steps
+            if state["step"] % cfg.save_every == 0 or last:
+                # a checkpoint at the end of a stage resumes at the start of the next one
+                saved = {**state, "stage": si + 1, "stage_step": 0, "next_example": 0} if last else state
+                final = d.save(lambda: checkpoint.save(out, model, tok, opt, sched, saved))
+                log.plot()
+        state.update(stage=si + 1, stage_step=0, next_example=0)
+    log.close()
+    d.barrier()
+    return final
