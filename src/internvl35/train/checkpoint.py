@@ -11,18 +11,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 from internvl35.data.tokenizer import Tokenizer
 from internvl35.models.internvl import InternVLModel
 from internvl35.weights.convert import write_checkpoint
 
 
-def save(out: Path, model: InternVLModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (a collective under FSDP: every rank must call it). The
+    optimizer state is keyed by parameter name, so any process count can resume it."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save(out: Path, model: InternVLModel, tokenizer: Tokenizer, params: dict, optimizer_state: dict,
          scheduler: Any, state: dict[str, Any]) -> Path:
+    """Write on one process, from `full_state` results."""
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(model, tokenizer, tmp, "custom", torch.float32)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    write_checkpoint(model, tokenizer, tmp, "custom", torch.float32, params=params)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "train_state.pt")
     (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
     _fsync_dir(tmp)

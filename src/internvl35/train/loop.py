@@ -15,7 +15,6 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from internvl35.config import get_config
@@ -118,12 +117,11 @@ def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainCo
     return float(loss_sum.detach())
 
 
-def flops_per_pack(model: InternVLModel, p: Pack) -> float:
-    """6 x parameters x tokens for the LLM and for the ViT over its patch tokens (matmuls only)."""
-    llm = sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n)
-    vit = sum(q.numel() for q in model.vision_model.parameters())
+def flops_per_pack(counts: tuple[int, int], patches: int, p: Pack) -> float:
+    """6 x parameters x tokens for the LLM (non-embedding) and for the ViT over its patch tokens."""
+    llm, vit = counts
     tiles = 0 if p.pixel_values is None else p.pixel_values.shape[0]
-    return 6 * (llm * p.input_ids.numel() + vit * tiles * (model.cfg.vision.grid**2 + 1))
+    return 6 * (llm * p.input_ids.numel() + vit * tiles * patches)
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
@@ -143,6 +141,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         state, blobs = checkpoint.load_state(ckpt)
         torch.set_rng_state(blobs["torch_rng"])
     model.train()
+    counts = (sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n),
+              sum(q.numel() for q in model.vision_model.parameters()))
     settings = ImageSettings(model.cfg.vision.image_size, cfg.max_tiles or model.cfg.max_dynamic_patch,
                              model.cfg.num_image_token, model.cfg.use_thumbnail)
     template = get_template(model.cfg.template)
@@ -157,7 +157,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         wrapped = parallelize(model, d)
         opt, sched = make_optimizer(wrapped, stage, cfg)
         if blobs is not None:
-            opt.load_state_dict(blobs["optimizer"])
+            checkpoint.restore_optimizer(wrapped, opt, blobs["optimizer"])
             sched.load_state_dict(blobs["scheduler"])
             blobs = None
         source = ExampleSource(stage, tok, template, settings, cfg.seed)
@@ -171,8 +171,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             loss_sum = sum(micro_step(wrapped, p, w, d.world / total_w, cfg, moe_coef)
                            for (_, p), w in zip(mine, ws[d.rank::d.world]))
             loss_sum = d.all_reduce_sum(loss_sum)
-            gnorm = float(torch.nn.utils.clip_grad_norm_([q for q in wrapped.parameters() if q.requires_grad],
-                                                         cfg.grad_clip))
+            gnorm = torch.nn.utils.clip_grad_norm_([q for q in wrapped.parameters() if q.requires_grad],
+                                                   cfg.grad_clip)
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                          next_example=step_packs[-1][0], stage=si)
             dt = time.perf_counter() - t0
             tokens = sum(p.input_ids.numel() for _, p in step_packs)
-            flops = sum(flops_per_pack(model, p) for _, p in step_packs)
+            flops = sum(flops_per_pack(counts, model.cfg.vision.grid**2 + 1, p) for _, p in step_packs)
             log.step(state["step"], stage=stage.name, loss=loss_sum / total_w, lr=sched.get_last_lr()[0],
                      grad_norm=gnorm, tokens=tokens, tok_s=tokens / dt, samples=sum(p.num_examples for _, p in step_packs),
                      mfu=flops / dt / peak, dt=dt)
@@ -188,7 +189,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             if state["step"] % cfg.save_every == 0 or last:
                 # a checkpoint at the end of a stage resumes at the start of the next one
                 saved = {**state, "stage": si + 1, "stage_step": 0, "next_example": 0} if last else state
-                final = d.save(lambda: checkpoint.save(out, model, tok, opt, sched, saved))
+                params, opt_state = checkpoint.full_state(wrapped, opt)
+                final = d.save(lambda: checkpoint.save(out, model, tok, params, opt_state, sched, saved))
                 log.plot()
         state.update(stage=si + 1, stage_step=0, next_example=0)
     log.close()

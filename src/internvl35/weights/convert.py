@@ -27,13 +27,14 @@ def storage_dtype(path: Path) -> torch.dtype:
     return next((e.dtype for e in entries if e.dtype.is_floating_point), torch.bfloat16)
 
 
-def write_checkpoint(model, tokenizer: Tokenizer, out: Path, fmt: str, dtype: torch.dtype) -> None:
+def write_checkpoint(model, tokenizer: Tokenizer, out: Path, fmt: str, dtype: torch.dtype,
+                     params: dict[str, torch.Tensor] | None = None) -> None:
     """config.json + weights + tokenizer files (+ processor files for HF) in format `fmt`."""
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     raw = config_to_dict(cfg, fmt, image_token_id=tokenizer.img_context_id, eos_id=tokenizer.im_end_id)
     (out / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False))
-    save_weights(model, out, fmt, dtype)
+    save_weights(model, out, fmt, dtype, params=params)
     tokenizer.save(out)
     if fmt == "hf":
         S = cfg.vision.image_size

@@ -88,10 +88,11 @@ def load_weights(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype,
     return model.eval()
 
 
-def checkpoint_tensors(model: InternVLModel, fmt: str, dtype: torch.dtype):
-    """Yield (key, tensor) of `model` in checkpoint format `fmt`, cast to `dtype`."""
+def checkpoint_tensors(model: InternVLModel, fmt: str, dtype: torch.dtype,
+                       params: dict[str, torch.Tensor] | None = None):
+    """Yield (key, tensor) of `model` (or of a full state dict `params` of it) in format `fmt`."""
     num_experts = model.cfg.text.moe.num_experts if model.cfg.text.moe else 0
-    for name, p in model.named_parameters():
+    for name, p in (params or dict(model.named_parameters())).items():
         for custom, expert, part, n in internal_to_custom(name, num_experts):
             t = _dest(p.detach(), Target(name, expert, part, n))
             if fmt == "custom":
@@ -102,12 +103,12 @@ def checkpoint_tensors(model: InternVLModel, fmt: str, dtype: torch.dtype):
 
 
 def save_weights(model: InternVLModel, out: Path, fmt: str, dtype: torch.dtype = torch.bfloat16,
-                 max_shard_bytes: int = 4 << 30) -> list[Path]:
+                 max_shard_bytes: int = 4 << 30, params: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """Write safetensors shards (+ index when more than one) in checkpoint format `fmt`."""
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, t in checkpoint_tensors(model, fmt, dtype):
+    for key, t in checkpoint_tensors(model, fmt, dtype, params):
         nbytes = t.numel() * t.element_size()
         if size and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -1,0 +1,123 @@
+"""The training loop on the mini world: loss falls, response-only labels, square weights, and a run
+killed with SIGKILL resumes onto exactly the same loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from internvl35.data.sft import IGNORE, ImageSettings, tokenize_record
+from internvl35.data.template import get_template
+from internvl35.train.losses import square_weights
+
+FAST_MODEL = "mini"
+
+
+def _config(tmp: Path, tokenizer_dir: Path, steps: int, **extra) -> Path:
+    cfg = {"out_dir": str(tmp / "run"), "model": FAST_MODEL, "tokenizer": str(tokenizer_dir), "max_tokens": 512,
+           "grad_accum": 2, "save_every": 5, "threads": 1,
+           "stages": [{"name": "a", "steps": 4, "lr": 2e-3, "warmup_steps": 1,
+                       "data": [{"source": "world", "families": {"attributes": 1}}]},
+                      {"name": "b", "steps": steps - 4, "lr": 1e-3, "warmup_steps": 1,
+                       "data": [{"source": "world", "families": {"attributes": 1, "text_only": 1}}]}],
+           **extra}
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def tok_dir(tmp_path, tokenizer):
+    d = tmp_path / "tok"
+    d.mkdir()
+    tokenizer.save(d)
+    return d
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _train_cmd(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "internvl35.train", str(cfg)]
+
+
+def test_response_only_labels(tokenizer):
+    rec = {"conversations": [{"from": "human", "value": "What color is the circle?"},
+                             {"from": "gpt", "value": "red"}]}
+    s = ImageSettings(112, 1, 16)
+    import random
+    ex = tokenize_record(rec, tokenizer, get_template("internvl2_5"), s, random.Random(0))
+    trained = [i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "red<|im_end|>"
+    assert tokenizer.decode(ex.input_ids, skip_special_tokens=False).endswith("assistant\nred<|im_end|>\n")
+
+
+def test_square_weights():
+    labels = torch.tensor([0, 5, 5, 5, 5, IGNORE, 7])  # example 0 has 4 targets, example 1 has 1
+    segments = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    w = square_weights(labels, segments)
+    assert torch.allclose(w, torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 1.0]))
+
+
+def test_loss_falls_and_sigkill_resume_is_exact(tmp_path, tok_dir):
+    steps = 14
+    ref_cfg = _config(tmp_path / "ref", tok_dir, steps)
+    subprocess.run(_train_cmd(ref_cfg), check=True, capture_output=True)
+    ref = _losses(tmp_path / "ref" / "run")
+    assert len(ref) == steps
+    assert sum(list(ref.values())[-3:]) / 3 < 0.7 * sum(list(ref.values())[:3]) / 3
+
+    cfg = _config(tmp_path / "kill", tok_dir, steps)
+    run = tmp_path / "kill" / "run"
+    p = subprocess.Popen(_train_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill after the step-5 checkpoint, mid-way to the next one
+        if (run / "metrics.jsonl").is_file() and len(_losses(run)) >= 7:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert 7 <= len(_losses(run)) < steps
+    subprocess.run(_train_cmd(cfg), check=True, capture_output=True)
+    got = _losses(run)
+    assert list(got) == list(ref)
+    assert all(abs(got[k] - ref[k]) < 1e-6 for k in ref), (got, ref)
+    assert (run / "loss.png").is_file() and (run / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_two_process_fsdp_matches_one_process(tmp_path, tok_dir):
+    steps = 6
+    one = _config(tmp_path / "one", tok_dir, steps, save_every=100)
+    subprocess.run(_train_cmd(one), check=True, capture_output=True)
+    two = _config(tmp_path / "two", tok_dir, steps, save_every=100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import socket
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={port}",
+                        "-m", "internvl35.train", str(two)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
+    assert list(a) == list(b)
+    assert all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
+    import internvl35
+    m1, m2 = (internvl35.load(tmp_path / d / "run" / "checkpoint") for d in ("one", "two"))
+    # Reduction order differs between 1 and 2 processes; Adam turns float noise in near-zero gradients
+    # into updates of up to ~lr, so bound the largest difference loosely and the mean tightly.
+    diffs = [(p1 - p2).abs() for p1, p2 in zip(m1.model.parameters(), m2.model.parameters())]
+    assert max(float(d.max()) for d in diffs) < 2e-4
+    assert sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs) < 1e-7
