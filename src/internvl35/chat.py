@@ -12,20 +12,18 @@ from pathlib import Path
 
 import torch
 
-from internvl35.config import CONFIGS, ModelConfig
+from internvl35.config import ModelConfig
 from internvl35.data.image import ImageLike, preprocess_image, tiles_to_tensor
 from internvl35.data.template import THINKING_SYSTEM, attach_images, expand_image_tokens, get_template
 from internvl35.data.tokenizer import Tokenizer
 from internvl35.data.video import load_frames
-from internvl35.errors import CheckpointError, InputError
+from internvl35.errors import InputError
 from internvl35.generate import generate_stream
 from internvl35.models.internvl import InternVLModel, flash_keep_mask
 from internvl35.sampling import SamplingParams
 from internvl35.weights.config_json import config_from_dict, read_config_json
 from internvl35.weights.loader import load_weights
-
-MINI_DIR = Path(__file__).parent / "assets" / "mini"
-
+from internvl35.weights.locate import resolve_path
 
 @dataclass
 class Prompt:
@@ -83,8 +81,8 @@ class ChatModel:
             question = attach_images(question, list(history), len(tiles), video is not None)
         except ValueError as e:
             raise InputError(str(e)) from None
-        if thinking and system is None:
-            system = THINKING_SYSTEM
+        if system is None:
+            system = THINKING_SYSTEM if thinking else self.cfg.system_message
         text = self.template.render(question, list(history), system)
         text = expand_image_tokens(text, [t.shape[0] for t in tiles], self.cfg.num_image_token)
         pixel_values = torch.cat(tiles) if tiles else None
@@ -196,19 +194,6 @@ class ChatModel:
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """fp32 on CPU (bf16 matmuls are far slower there), bf16 on accelerators."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-
-
-def resolve_path(path_or_preset: str | Path) -> Path:
-    p = Path(path_or_preset)
-    if p.is_dir():
-        return p
-    if str(path_or_preset) == "mini":
-        if not (MINI_DIR / "config.json").is_file():
-            raise CheckpointError("the embedded mini checkpoint is not present in this installation")
-        return MINI_DIR
-    if str(path_or_preset) in CONFIGS:
-        raise CheckpointError(f"preset {path_or_preset!r} has no bundled weights: pass a checkpoint directory")
-    raise CheckpointError(f"{path_or_preset}: not a checkpoint directory or known model name")
 
 
 def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,

@@ -98,6 +98,7 @@ class ModelConfig:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     flash: FlashConfig | None = None  # present => mlp2 + router weights exist
+    system_message: str | None = None  # replaces the template's default system message when set
 
     @property
     def num_image_token(self) -> int:
@@ -156,8 +157,9 @@ CONFIGS: dict[str, ModelConfig] = {
                              text=_qwen3_moe(4096, 94, 64, 4, 128, 1536, 8)),
     "20B-A4B": ModelConfig(name="InternVL3.5-GPT-OSS-20B-A4B", vision=VIT_300M, text=GPT_OSS_20B,
                            template="internvl3_5_gpt_oss"),
+    # A short system message: the template's default one is ~140 byte-level tokens for a small BPE.
     "mini": ModelConfig(name="InternVL3.5-mini", vision=MINI_VIT, text=MINI_TEXT, flash=FlashConfig(),
-                        max_dynamic_patch=6),
+                        max_dynamic_patch=6, system_message="You are a helpful assistant."),
 }
 CONFIGS["mini-moe"] = dataclasses.replace(
     CONFIGS["mini"], name="InternVL3.5-mini-moe", flash=None,

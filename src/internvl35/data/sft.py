@@ -72,7 +72,7 @@ def record_tiles(record: dict[str, Any], s: ImageSettings, rng: random.Random, r
 
 
 def tokenize_record(record: dict[str, Any], tok: Tokenizer, template: Template, s: ImageSettings,
-                    rng: random.Random, root: Path | None = None) -> Example:
+                    rng: random.Random, root: Path | None = None, system: str | None = None) -> Example:
     """Render turn by turn; loss only on assistant text and its end-of-turn token."""
     tiles, is_video = record_tiles(record, s, rng, root)
     turns = record["conversations"]
@@ -88,7 +88,8 @@ def tokenize_record(record: dict[str, Any], tok: Tokenizer, template: Template, 
         ids.extend(piece)
         labels.extend(piece if train else [IGNORE] * len(piece))
 
-    add(template.system.format(system=record.get("system", template.default_system)) + template.sep, False)
+    default = template.default_system if system is None else system
+    add(template.system.format(system=record.get("system", default)) + template.sep, False)
     for i in range(0, len(turns), 2):
         q = first if i == 0 else turns[i]["value"]
         n_here = q.count("<image>")

@@ -12,8 +12,9 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Every token InternVL adds to the Qwen3 vocabulary, in release order, plus ChatML's own.
 INTERNVL_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SPECIAL_TOKENS = CHATML_TOKENS + INTERNVL_TOKENS + [VIDEO_PLACEHOLDER]
-ADDED_TOKENS = [THINK_START, THINK_END]  # ordinary added tokens: kept when decoding
+GROUNDING_TOKENS = INTERNVL_TOKENS[3:]  # <quad> ... </box>: part of answers, so kept when decoding
+SPECIAL_TOKENS = CHATML_TOKENS + INTERNVL_TOKENS[:3] + [VIDEO_PLACEHOLDER]
+ADDED_TOKENS = GROUNDING_TOKENS + [THINK_START, THINK_END]  # ordinary added tokens: kept when decoding
 
 DEFAULT_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
                   "多模态大语言模型。")

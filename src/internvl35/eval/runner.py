@@ -16,7 +16,7 @@ from rich.table import Table
 
 from internvl35.chat import ChatModel
 from internvl35.data.template import THINKING_SYSTEM
-from internvl35.data.world import FAMILIES, Style, generate, is_correct
+from internvl35.data.world import EVAL_FAMILIES, Style, generate, is_correct
 
 HELD_OUT = 2**48
 
@@ -30,8 +30,8 @@ class Task:
 
 
 SUITES: dict[str, list[Task]] = {
-    "mini": [Task(f, f) for f in FAMILIES] + [Task("hires@1tile", "hires", max_tiles=1)],
-    "mini-alt": [Task(f"{f}/alt", f, Style(alt=True)) for f in FAMILIES if f != "text_only"],
+    "mini": [Task(f, f) for f in EVAL_FAMILIES] + [Task("hires@1tile", "hires", max_tiles=1)],
+    "mini-alt": [Task(f"{f}/alt", f, Style(alt=True)) for f in EVAL_FAMILIES if f != "text_only"],
 }
 
 
@@ -51,7 +51,7 @@ def run_suite(model: ChatModel, suite: str, n: int = 100, max_new_tokens: int = 
         if len(examples[t.name]) < 3:
             examples[t.name].append({"question": s.question, "answer": s.answer, "prediction": pred, "correct": ok})
     acc = {k: sum(v) / len(v) for k, v in results.items()}
-    main = [k for k in acc if k in FAMILIES or k.endswith("/alt")]
+    main = [k for k in acc if k in EVAL_FAMILIES or k.endswith("/alt")]
     return {"suite": suite, "n": n, "accuracy": acc,
             "overall": sum(acc[k] for k in main) / max(1, len(main)), "examples": examples}
 

@@ -15,8 +15,10 @@ from internvl35.train.config import DataSource, Stage
 
 
 class ExampleSource:
-    def __init__(self, stage: Stage, tok: Tokenizer, template: Template, settings: ImageSettings, seed: int):
+    def __init__(self, stage: Stage, tok: Tokenizer, template: Template, settings: ImageSettings, seed: int,
+                 system: str | None = None):
         self.stage, self.tok, self.template, self.settings, self.seed = stage, tok, template, settings, seed
+        self.system = system
         self.sources = stage.data
         self.weights = [d.weight for d in self.sources]
         self._jsonl: dict[int, list] = {}
@@ -46,7 +48,7 @@ class ExampleSource:
             record, root = records[order[k]], Path(d.root) if d.root else Path(d.path).parent
         else:
             raise ValueError(f"unknown data source {d.source!r} (use 'world' or 'jsonl')")
-        return tokenize_record(record, self.tok, self.template, settings, rng, root)
+        return tokenize_record(record, self.tok, self.template, settings, rng, root, self.system)
 
     def stream(self, start: int) -> Iterator[tuple[int, Example]]:
         for idx in count(start):

@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             checkpoint.restore_optimizer(wrapped, opt, blobs["optimizer"])
             sched.load_state_dict(blobs["scheduler"])
             blobs = None
-        source = ExampleSource(stage, tok, template, settings, cfg.seed)
+        source = ExampleSource(stage, tok, template, settings, cfg.seed, model.cfg.system_message)
         packs = pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
         while state["stage_step"] < stage.steps:
             t0 = time.perf_counter()

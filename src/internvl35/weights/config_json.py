@@ -96,7 +96,7 @@ def config_from_dict(raw: dict[str, Any], name: str = "checkpoint") -> tuple[Mod
         ps_version=raw.get("ps_version", "v2"), template=raw.get("template", "internvl2_5"),
         dynamic_image_size=raw.get("dynamic_image_size", True), use_thumbnail=raw.get("use_thumbnail", True),
         min_dynamic_patch=raw.get("min_dynamic_patch", 1), max_dynamic_patch=raw.get("max_dynamic_patch", 12),
-        flash=flash)
+        flash=flash, system_message=raw.get("system_message"))
     if cfg.ps_version != "v2":
         raise UnsupportedArchitectureError(f"ps_version {cfg.ps_version!r} is not used by InternVL3.5 (v2)")
     return cfg, fmt
@@ -162,6 +162,8 @@ def config_to_dict(cfg: ModelConfig, fmt: str, *, image_token_id: int | None = N
             "use_thumbnail": cfg.use_thumbnail, "min_dynamic_patch": cfg.min_dynamic_patch,
             "max_dynamic_patch": cfg.max_dynamic_patch,
         }
+    if cfg.system_message is not None:
+        out["system_message"] = cfg.system_message
     if cfg.flash is not None:
         out.update(flash_mode=cfg.flash.flash_mode, flash_relative_threshold=cfg.flash.relative_threshold,
                    flash_absolute_threshold=cfg.flash.absolute_threshold)

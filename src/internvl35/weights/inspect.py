@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from internvl35.chat import resolve_path
+from internvl35.weights.locate import resolve_path
 from internvl35.weights.config_json import config_from_dict, read_config_json
 from internvl35.weights.keymap import resolve
 from internvl35.weights.loader import weight_files

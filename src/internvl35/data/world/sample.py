@@ -10,7 +10,8 @@ from PIL import Image
 
 from internvl35.data.template import THINK_END
 
-BOX = re.compile(r"<box>\[\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]\]</box>")
+# The <box> tags are optional: tokenizers that mark them special drop them when decoding.
+BOX = re.compile(r"(?:<box>)?\[\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]\](?:</box>)?")
 
 
 @dataclass

@@ -250,6 +250,26 @@ def arithmetic(rng: random.Random, style: Style) -> Sample:
     return Sample("arithmetic", q, ans, [img], thinking=thinking)
 
 
+def _where(box: tuple[int, int, int, int], w: int, h: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h
+    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    u = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return f"{v} {u}".strip() or "center"
+
+
+def caption(rng: random.Random, style: Style) -> Sample:
+    """Dense description of every object (colour, shape, place): the pre-training signal."""
+    objs = _objects(rng, rng.randint(1, 3), distinct=False)
+    img, boxes = _scene(rng, style, objs, size_range=(20, 50))
+    w, h = img.size
+    parts = [f"a {c} {s} at the {_where(b, w, h)}" for (c, s), b in
+             sorted(zip(objs, boxes), key=lambda o: (o[1][1] // 40, o[1][0]))]
+    n = len(objs)
+    text = f"{n} object{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
+    q = rng.choice(["Describe the image.", "What is in the image?", "Describe the objects in the image."])
+    return Sample("caption", q, text, [img])
+
+
 OPPOSITES = {"up": "down", "left": "right", "big": "small", "hot": "cold", "day": "night", "yes": "no",
              "black": "white", "open": "closed", "fast": "slow", "old": "new"}
 
@@ -272,8 +292,9 @@ def text_only(rng: random.Random, style: Style) -> Sample:
 FAMILIES = {
     "attributes": attributes, "counting": counting, "spatial": spatial, "text": text, "grounding": grounding,
     "hires": hires, "charts": charts, "multi_image": multi_image, "video": video, "arithmetic": arithmetic,
-    "text_only": text_only,
+    "text_only": text_only, "caption": caption,
 }
+EVAL_FAMILIES = [f for f in FAMILIES if f != "caption"]  # caption is a training signal, not a target
 
 
 def generate(family: str, seed: int, style: Style = Style()) -> Sample:
