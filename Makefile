@@ -22,5 +22,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 
+train-mini: $(STAMP)
+	$(BIN)/internvl35 train configs/mini.yaml --fresh
+	$(BIN)/python -m internvl35.train.publish runs/mini/checkpoint src/internvl35/assets/mini
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

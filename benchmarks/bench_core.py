@@ -19,16 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import best_of, matmul_peak_flops, memory_bandwidth  # noqa: E402
-
-import internvl35  # noqa: E402
-from internvl35.config import get_config  # noqa: E402
-from internvl35.data.tokenizer import train_bpe  # noqa: E402
-from internvl35.generate import generate_stream  # noqa: E402
-from internvl35.models.internvl import InternVLModel  # noqa: E402
-from internvl35.sampling import SamplingParams  # noqa: E402
-from internvl35.weights.convert import write_checkpoint  # noqa: E402
+import internvl35
+from internvl35.hardware import best_of, matmul_peak_flops, memory_bandwidth
+from internvl35.config import get_config
+from internvl35.data.tokenizer import train_bpe
+from internvl35.generate import generate_stream
+from internvl35.models.internvl import InternVLModel
+from internvl35.sampling import SamplingParams
+from internvl35.weights.convert import write_checkpoint
 
 
 def prefill_flops(cfg, n_text: int) -> float:
@@ -56,11 +54,14 @@ def decode_bytes(model: InternVLModel) -> int:
 
 
 def measure_load_rss(path: Path) -> dict:
-    code = ("import resource, sys, internvl35; import torch; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            f"m = internvl35.load(r'{path}');"
-            "size = sum(p.numel() * p.element_size() for p in m.model.parameters());"
-            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            "print(base * 1024, peak * 1024, size)")
+    """Peak RSS of `internvl35.load` in a fresh process. VmHWM belongs to the process's own address
+    space (getrusage's ru_maxrss would include the parent's peak, inherited across fork/exec)."""
+    code = ("import re, internvl35\n"
+            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+            "base = hwm()\n"
+            f"m = internvl35.load(r'{path}')\n"
+            "size = sum(p.numel() * p.element_size() for p in m.model.parameters())\n"
+            "print(base, hwm(), size)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     base, peak, size = map(int, out)
     return {"rss_base": base, "rss_peak": peak, "weights": size}

@@ -11,7 +11,7 @@ ALLOWED = {
     "models": set(),
     "data": set(),
     "weights": {"models", "data"},
-    "train": {"models", "data", "weights", "hardware", "chat"},
+    "train": {"models", "data", "weights", "hardware", "chat", "eval"},
     "eval": {"models", "data", "weights", "chat", "engine"},
     "engine": {"models", "data", "weights", "sampling", "chat", "generate"},
     "serve": {"models", "data", "weights", "engine", "sampling", "chat"},

@@ -18,6 +18,7 @@ class DataSource:
     root: str | None = None  # folder the jsonl's image paths are relative to
     families: dict[str, float] = field(default_factory=dict)  # world: family -> weight
     jpeg_augment: bool = False
+    easy: bool = False  # world: curriculum scenes (one large object where the task allows)
 
 
 @dataclass

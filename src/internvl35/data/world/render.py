@@ -38,6 +38,7 @@ class Style:
     """How the renderer looks; `alt` is never seen in training."""
 
     alt: bool = False
+    easy: bool = False  # curriculum: one large object per scene where the task allows it
 
     def font_name(self, rng: random.Random) -> str:
         return rng.choice(ALT_FONTS if self.alt else TRAIN_FONTS)

@@ -30,9 +30,15 @@ def _objects(rng: random.Random, n: int, distinct: bool = True) -> list[tuple[st
     return rng.sample(pairs, n) if distinct else [rng.choice(pairs) for _ in range(n)]
 
 
+def _count(rng: random.Random, style: Style, lo: int, hi: int) -> int:
+    return lo if style.easy else rng.randint(lo, hi)
+
+
 def _scene(rng: random.Random, style: Style, objs: list[tuple[str, str]], size_range=(20, 36),
            wh: tuple[int, int] | None = None):
     """Draw objects at random places; retries until everything fits. Returns (image, boxes)."""
+    if style.easy:  # larger objects for the curriculum
+        size_range = (int(size_range[0] * 1.5), int(size_range[1] * 1.5))
     while True:
         w, h = wh or _size(rng)
         boxes = place_boxes(w, h, [rng.randint(*size_range) for _ in objs], rng)
@@ -45,7 +51,7 @@ def _scene(rng: random.Random, style: Style, objs: list[tuple[str, str]], size_r
 
 
 def attributes(rng: random.Random, style: Style) -> Sample:
-    objs = _objects(rng, rng.randint(1, 3))
+    objs = _objects(rng, _count(rng, style, 1, 3))
     # the asked-about shape (or colour) must be unique in the scene
     shapes = [s for _, s in objs]
     colors = [c for c, _ in objs]
@@ -62,7 +68,7 @@ def attributes(rng: random.Random, style: Style) -> Sample:
 
 
 def counting(rng: random.Random, style: Style) -> Sample:
-    n = rng.randint(0, 9)
+    n = rng.randint(0, 4) if style.easy else rng.randint(0, 9)
     if rng.random() < 0.7:
         shape = rng.choice(SHAPES)
         objs = [(rng.choice(COLOR_NAMES), shape) for _ in range(n)]
@@ -122,7 +128,7 @@ def text(rng: random.Random, style: Style) -> Sample:
 
 
 def grounding(rng: random.Random, style: Style) -> Sample:
-    objs = _objects(rng, rng.randint(1, 3))
+    objs = _objects(rng, _count(rng, style, 1, 3))
     img, boxes = _scene(rng, style, objs, size_range=(18, 40))
     i = rng.randrange(len(objs))
     color, shape = objs[i]
@@ -259,7 +265,7 @@ def _where(box: tuple[int, int, int, int], w: int, h: int) -> str:
 
 def caption(rng: random.Random, style: Style) -> Sample:
     """Dense description of every object (colour, shape, place): the pre-training signal."""
-    objs = _objects(rng, rng.randint(1, 3), distinct=False)
+    objs = _objects(rng, _count(rng, style, 1, 3), distinct=False)
     img, boxes = _scene(rng, style, objs, size_range=(20, 50))
     w, h = img.size
     parts = [f"a {c} {s} at the {_where(b, w, h)}" for (c, s), b in

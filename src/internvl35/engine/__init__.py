@@ -1,0 +1,1 @@
+"""Serving engine: paged KV cache, block manager with multimodal prefix caching, scheduler."""
