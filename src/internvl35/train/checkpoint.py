@@ -27,7 +27,8 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: parameters that never received a gradient (e.g. the unused Flash modules) have no state
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def save(out: Path, model: InternVLModel, tokenizer: Tokenizer, params: dict, optimizer_state: dict,
