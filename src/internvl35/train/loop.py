@@ -110,9 +110,8 @@ def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainCo
     loss_sum = weighted_lm_loss_sum(logits, p.labels, weights)
     loss = loss_sum * scale
     if moe_coef:
-        aux = [m.last_router_logits for m in model.modules() if isinstance(m, Qwen3MoE)]
-        loss = loss + moe_coef * sum(load_balancing_loss(a, m.moe.top_k) for a, m in
-                                     zip(aux, [m for m in model.modules() if isinstance(m, Qwen3MoE)]))
+        moes = [m for m in model.modules() if isinstance(m, Qwen3MoE)]
+        loss = loss + moe_coef * sum(load_balancing_loss(m.last_router_logits, m.moe.top_k) for m in moes)
     loss.backward()
     return float(loss_sum.detach())
 
