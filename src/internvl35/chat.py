@@ -25,6 +25,7 @@ from internvl35.weights.config_json import config_from_dict, read_config_json
 from internvl35.weights.loader import load_weights
 from internvl35.weights.locate import resolve_path
 
+
 @dataclass
 class Prompt:
     """One rendered request: token ids, its image tiles and how many tiles each image has."""

@@ -32,10 +32,6 @@ class Example:
     labels: list[int]  # IGNORE where no loss
     pixel_values: torch.Tensor | None  # [T, 3, S, S]
 
-    @property
-    def num_tiles(self) -> int:
-        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
-
 
 @dataclass(frozen=True)
 class ImageSettings:

@@ -4,6 +4,7 @@ deterministic by (seed, stage, example index) so that a resumed run sees exactly
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -22,19 +23,26 @@ class ExampleSource:
         self.sources = stage.data
         self.weights = [d.weight for d in self.sources]
         self._jsonl: dict[int, list] = {}
+        self._order: dict[tuple[int, int], list[int]] = {}  # (source, epoch) -> shuffled record order
 
     def _records(self, i: int, d: DataSource) -> list:
         if i not in self._jsonl:
             self._jsonl[i] = jsonl_records(Path(d.path))
         return self._jsonl[i]
 
+    def _epoch_order(self, i: int, d: DataSource, epoch: int) -> list[int]:
+        """The record order of one pass over a JSONL source (reshuffled every pass, computed once)."""
+        if (i, epoch) not in self._order:
+            order = list(range(len(self._records(i, d))))
+            random.Random(f"{self.seed}:{d.path}:{epoch}").shuffle(order)
+            self._order = {(i, epoch): order, **{k: v for k, v in self._order.items() if k[0] != i}}
+        return self._order[(i, epoch)]
+
     def example(self, idx: int) -> Example:
         rng = random.Random(f"{self.seed}:{self.stage.name}:{idx}")
         i = rng.choices(range(len(self.sources)), self.weights)[0]
         d = self.sources[i]
-        settings = self.settings if not d.jpeg_augment else ImageSettings(
-            self.settings.image_size, self.settings.max_tiles, self.settings.tokens_per_tile,
-            self.settings.use_thumbnail, jpeg_augment=True)
+        settings = replace(self.settings, jpeg_augment=True) if d.jpeg_augment else self.settings
         if d.source == "world":
             from internvl35.data.world import FAMILIES
             fams = d.families or {f: 1.0 for f in FAMILIES}
@@ -43,9 +51,7 @@ class ExampleSource:
         elif d.source == "jsonl":
             records = self._records(i, d)
             epoch, k = divmod(idx, len(records))
-            order = list(range(len(records)))
-            random.Random(f"{self.seed}:{d.path}:{epoch}").shuffle(order)  # reshuffled every pass
-            record, root = records[order[k]], Path(d.root) if d.root else Path(d.path).parent
+            record, root = records[self._epoch_order(i, d, epoch)[k]], Path(d.root) if d.root else Path(d.path).parent
         else:
             raise ValueError(f"unknown data source {d.source!r} (use 'world' or 'jsonl')")
         return tokenize_record(record, self.tok, self.template, settings, rng, root, self.system)

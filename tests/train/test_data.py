@@ -1,0 +1,31 @@
+"""JSONL conversation data: records with image paths relative to a root, reshuffled every pass."""
+
+import json
+
+from PIL import Image
+
+from internvl35.data.sft import IGNORE, ImageSettings
+from internvl35.data.template import get_template
+from internvl35.train.config import DataSource, Stage
+from internvl35.train.data import ExampleSource
+
+
+def test_jsonl_source_covers_every_record_each_pass(tmp_path, tokenizer):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (112, 112), (200, 0, 0)).save(tmp_path / "img" / "a.png")
+    answers = ["red", "blue", "green"]
+    lines = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                 {"from": "gpt", "value": a}]} for a in answers]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    stage = Stage(data=[DataSource(source="jsonl", path=str(tmp_path / "d.jsonl"), root=str(tmp_path / "img"),
+                                   jpeg_augment=True)])
+    src = ExampleSource(stage, tokenizer, get_template("internvl2_5"), ImageSettings(112, 1, 16), seed=0)
+
+    def answer(idx):
+        ex = src.example(idx)
+        assert ex.pixel_values.shape == (1, 3, 112, 112)
+        return tokenizer.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE])
+
+    first, second = [answer(i) for i in range(3)], [answer(i) for i in range(3, 6)]
+    assert sorted(first) == sorted(second) == sorted(answers)
+    assert first == [answer(i) for i in range(3)]  # deterministic by index
