@@ -58,6 +58,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a single-row product on a multi-threaded CPU (the decode step) runs as a
+    batched matvec over `threads` row blocks of the weight (a free view). MKL's sgemv uses one core
+    for it: measured on 2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37 GB/s."""
+    n = torch.get_num_threads()
+    if (n == 1 or x.device.type != "cpu" or x.numel() != x.shape[-1] or weight.shape[0] % n
+            or x.dtype != torch.float32 or torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    # Row form [n, 1, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
+    # same product measured 5x slower).
+    w = weight.view(n, weight.shape[0] // n, weight.shape[1]).transpose(1, 2)
+    out = torch.bmm(x.reshape(1, 1, -1).expand(n, -1, -1), w).reshape(x.shape[:-1] + (weight.shape[0],))
+    return out if bias is None else out + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) routed through `linear()`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class AttentionCache(Protocol):
     """What an LLM attention layer needs from a KV cache: store this step's k/v, attend over all.
 

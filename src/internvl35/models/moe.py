@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
+from internvl35.models.layers import linear
 
 
 class StackedExperts(nn.Module):
@@ -36,8 +37,8 @@ class StackedExperts(nn.Module):
             if n == 0:
                 continue
             idx = token_of[start:start + n]
-            gate, up = F.linear(x[idx], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * w[start:start + n]
+            gate, up = linear(x[idx], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.down_proj[e]) * w[start:start + n]
             out.index_add_(0, idx, y.to(out.dtype))
             start += n
         return out

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
-from internvl35.models.layers import AttentionCache, RMSNorm, apply_rope, attention, rope_cos_sin
+from internvl35.models.layers import (AttentionCache, Linear, RMSNorm, apply_rope, attention, linear,
+                                      rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
 
@@ -21,10 +22,10 @@ class Qwen3Attention(nn.Module):
         super().__init__()
         self.layer, self.H, self.K, self.Dh = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.H * self.Dh, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(D, self.K * self.Dh, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(D, self.K * self.Dh, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=cfg.attention_bias)
+        self.q_proj = Linear(D, self.H * self.Dh, bias=cfg.attention_bias)
+        self.k_proj = Linear(D, self.K * self.Dh, bias=cfg.attention_bias)
+        self.v_proj = Linear(D, self.K * self.Dh, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.H * self.Dh, D, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
 
@@ -45,9 +46,9 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, dim: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter, bias=False)
+        self.up_proj = Linear(dim, inter, bias=False)
+        self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -101,11 +102,11 @@ class Qwen3ForCausalLM(nn.Module):
         self.model = Qwen3Model(cfg)
         self.tied = cfg.tie_embeddings if tie_embeddings is None else tie_embeddings
         if not self.tied:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight)
+        return linear(hidden, self.head_weight)
