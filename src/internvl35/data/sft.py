@@ -109,11 +109,12 @@ def jsonl_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def world_record(family: str, seed: int, alt: bool = False, easy: bool = False) -> dict[str, Any]:
+def world_record(family: str, seed: int, alt: bool = False, easy: bool = False,
+                 big_text: bool = False) -> dict[str, Any]:
     """A mini-world sample as a conversation record (PIL images in memory)."""
     from internvl35.data.world import Style, generate
 
-    s = generate(family, seed, Style(alt=alt, easy=easy))
+    s = generate(family, seed, Style(alt=alt, easy=easy, big_text=big_text))
     rec: dict[str, Any] = {"conversations": [{"from": "human", "value": s.question},
                                              {"from": "gpt", "value": s.answer}]}
     if s.video:

@@ -55,11 +55,14 @@ class BlockManager:
         """Give `seq` a block table, reusing cached full blocks of an identical prefix."""
         assert not seq.block_table
         prefix: bytes | None = None
+        n = seq.num_blocks(self.block_size)
         miss = False
-        for i in range(seq.num_blocks(self.block_size)):
+        for i in range(n):
             tokens = seq.block(i, self.block_size)
             full = len(tokens) == self.block_size
             h = block_hash(tokens, prefix, seq.image_key(i, self.block_size)) if full else None
+            # the block holding the last token is always computed: its logits start the generation
+            miss = miss or i == n - 1
             cached = self.by_hash.get(h) if h is not None and not miss else None
             if cached is not None and self.blocks[cached].token_ids == tokens:
                 b = self.blocks[cached]
@@ -87,8 +90,8 @@ class BlockManager:
         seq.num_cached_tokens = 0
 
     def can_append(self, seq: Sequence) -> bool:
-        """Room for the next token (a new block is needed when the last one is full)."""
-        return len(seq) % self.block_size != 0 or self.num_free >= 1
+        """Room for the sequence's newest token (a new block is needed when it starts one)."""
+        return len(seq.block_table) >= seq.num_blocks(self.block_size) or self.num_free >= 1
 
     def append(self, seq: Sequence) -> None:
         """Account for the token just appended to `seq`: open a block or seal a full one."""

@@ -19,6 +19,7 @@ class DataSource:
     families: dict[str, float] = field(default_factory=dict)  # world: family -> weight
     jpeg_augment: bool = False
     easy: bool = False  # world: curriculum scenes (one large object where the task allows)
+    big_text: bool = False  # world: reading curriculum with large glyphs
 
 
 @dataclass

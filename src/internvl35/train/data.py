@@ -47,7 +47,7 @@ class ExampleSource:
             from internvl35.data.world import FAMILIES
             fams = d.families or {f: 1.0 for f in FAMILIES}
             family = rng.choices(list(fams), list(fams.values()))[0]
-            record, root = world_record(family, rng.getrandbits(48), easy=d.easy), None
+            record, root = world_record(family, rng.getrandbits(48), easy=d.easy, big_text=d.big_text), None
         elif d.source == "jsonl":
             records = self._records(i, d)
             epoch, k = divmod(idx, len(records))

@@ -155,10 +155,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         freeze(model, stage.freeze)
         wrapped = parallelize(model, d)
         opt, sched = make_optimizer(wrapped, stage, cfg)
-        if blobs is not None:
+        if blobs is not None and state["stage_step"] > 0:
+            # mid-stage: continue the stage's optimizer; at a stage boundary the new stage starts
+            # with a fresh optimizer and schedule, exactly as an uninterrupted run does
             checkpoint.restore_optimizer(wrapped, opt, blobs["optimizer"])
             sched.load_state_dict(blobs["scheduler"])
-            blobs = None
+        blobs = None
         source = ExampleSource(stage, tok, template, settings, cfg.seed, model.cfg.system_message)
         packs = pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
         while state["stage_step"] < stage.steps:

@@ -39,6 +39,7 @@ class Style:
 
     alt: bool = False
     easy: bool = False  # curriculum: one large object per scene where the task allows it
+    big_text: bool = False  # curriculum: reading with large glyphs (about 2 patches per character)
 
     def font_name(self, rng: random.Random) -> str:
         return rng.choice(ALT_FONTS if self.alt else TRAIN_FONTS)

@@ -113,13 +113,13 @@ def text(rng: random.Random, style: Style) -> Sample:
     w, h = _size(rng, 104, 132)
     img = canvas(w, h, rng, style)
     fname = style.font_name(rng)
-    size = rng.randint(15, 24)
+    size = rng.randint(28, 36) if style.big_text else rng.randint(15, 24)
     tw, th = text_size(word, size, fname)
     while tw > w - 8:
         size -= 1
         tw, th = text_size(word, size, fname)
     draw_text(img, word, (rng.randint(2, w - tw - 4), rng.randint(0, max(0, h - th - 8))), size, fname)
-    if rng.random() < 0.3:  # a distractor shape
+    if rng.random() < 0.3 and not style.big_text:  # a distractor shape
         box = place_boxes(w, h, [14], rng)
         if box:
             draw_shape(img, rng.choice(SHAPES), rng.choice(COLOR_NAMES), box[0], rng, style)

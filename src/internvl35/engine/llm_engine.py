@@ -1,0 +1,191 @@
+"""The engine: requests in, tokens out. Vision encoding (with the feature cache), scheduling,
+model steps and output processing (detokenising, stop strings, finish reasons).
+
+Single-threaded by design: `step()` does one scheduling round and one forward. The server drives it
+from one background thread (`internvl35.serve.async_engine`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from internvl35.chat import ChatModel, Prompt
+from internvl35.engine.block_manager import BlockManager
+from internvl35.engine.mm_cache import FeatureCache, image_digest
+from internvl35.engine.model_runner import ModelRunner
+from internvl35.engine.paged_cache import PagedKVCache
+from internvl35.engine.scheduler import Scheduler
+from internvl35.engine.sequence import ImageSpan, Sequence
+from internvl35.errors import InputError
+from internvl35.models.internvl import flash_keep_mask
+from internvl35.sampling import SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20
+    num_blocks: int | None = None  # overrides kv_cache_bytes (tests use it to force preemption)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    vision_cache_bytes: int = 256 * 2**20
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sequence (`index` tells the n choices of a request apart)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str  # new text since the previous output
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt after the vision side: final token ids (Flash-compacted), feature rows, image spans."""
+
+    input_ids: list[int]
+    features: torch.Tensor | None
+    spans: list[ImageSpan] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, chat_model: ChatModel, config: EngineConfig | None = None) -> None:
+        self.chat_model, self.model, self.tokenizer = chat_model, chat_model.model, chat_model.tokenizer
+        self.config = cfg = config or EngineConfig()
+        t = self.model.cfg.text
+        per_block = PagedKVCache.bytes_per_block(t.num_layers, cfg.block_size, t.num_kv_heads, t.head_dim,
+                                                 chat_model.dtype)
+        self.num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // per_block)
+        self.block_manager = BlockManager(self.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.num_blocks, cfg.block_size)
+        self.features = FeatureCache(cfg.vision_cache_bytes)
+        self.stop_ids = chat_model.stop_ids
+        self.max_len = t.max_position_embeddings
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "cached_prompt_tokens": 0,
+                      "requests_finished": 0, "steps": 0}
+
+    # --- vision side -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, prompt: Prompt, flash: tuple[float, float] | None = None) -> EncodedPrompt:
+        """Image features for a prompt, from the feature cache where possible; with Flash the router
+        decides per request (its quantile spans the request's tiles), so the request is one unit."""
+        if prompt.pixel_values is None:
+            return EncodedPrompt(list(prompt.input_ids), None)
+        tiles = prompt.pixel_values.split(prompt.tiles_per_image)
+        keys = [image_digest(t, flash) for t in tiles]
+        if flash is not None:
+            whole = image_digest(prompt.pixel_values, flash)
+            keys = [whole + k for k in keys]
+        got = [self.features.get(k) for k in keys]
+        missing = [i for i, g in enumerate(got) if g is None]
+        if missing:
+            todo = list(range(len(tiles))) if flash is not None else missing
+            pv = torch.cat([tiles[i] for i in todo]).to(self.chat_model.device, self.chat_model.dtype)
+            feats, per_tile = self.model.encode_images(pv, flash)
+            counts, offset = iter(per_tile), 0
+            for i in todo:
+                c = [next(counts) for _ in range(len(tiles[i]))]
+                got[i] = (feats[offset:offset + sum(c)], c)
+                offset += sum(c)
+                self.features.put(keys[i], *got[i])
+        ids = prompt.input_ids
+        if flash is not None:
+            per_tile = [c for _, counts in got for c in counts]
+            keep = flash_keep_mask(torch.tensor(ids), self.tokenizer.img_context_id, per_tile,
+                                   self.model.cfg.num_image_token)
+            ids = torch.tensor(ids)[keep].tolist()
+        return EncodedPrompt(list(ids), torch.cat([f for f, _ in got]), self._spans(ids, got, keys))
+
+    def _spans(self, ids: list[int], got, keys: list[bytes]) -> list[ImageSpan]:
+        """Each image's run of <IMG_CONTEXT> positions (in order) with its content digest."""
+        img = self.tokenizer.img_context_id
+        slots = [p for p, t in enumerate(ids) if t == img]
+        spans, k = [], 0
+        for (f, _), key in zip(got, keys):
+            n = f.shape[0]
+            spans.append(ImageSpan(slots[k], n, key))
+            k += n
+        return spans
+
+    # --- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Prompt | EncodedPrompt, params: SamplingParams,
+                    stop: tuple[str, ...] = (), n: int = 1, flash: tuple[float, float] | None = None) -> None:
+        """Queue a request (n independent samples of it). Raises InputError if it cannot fit."""
+        enc = prompt if isinstance(prompt, EncodedPrompt) else self.encode(prompt, flash)
+        total = len(enc.input_ids) + params.max_new_tokens
+        if total > self.max_len:
+            raise InputError(f"prompt ({len(enc.input_ids)} tokens) + max_tokens ({params.max_new_tokens}) = "
+                             f"{total} exceeds the model's context of {self.max_len} tokens")
+        if (total + self.config.block_size - 1) // self.config.block_size > self.num_blocks:
+            raise InputError(f"request needs {total} tokens of KV cache, the engine holds "
+                             f"{self.num_blocks * self.config.block_size}")
+        for i in range(n):
+            p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            seq = Sequence(list(enc.input_ids), p, list(enc.spans), enc.features, tuple(stop), request_id)
+            seq.index = i
+            self.scheduler.add(seq)
+        self.stats["prompt_tokens"] += n * len(enc.input_ids)
+
+    def abort(self, request_id: str) -> bool:
+        return bool(self.scheduler.abort(request_id))
+
+    def has_unfinished(self) -> bool:
+        return len(self.scheduler) > 0
+
+    # --- stepping --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        for seq, n in batch:
+            if n > 1 or seq.num_computed == 0:
+                self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
+        tokens = self.runner.run(batch)
+        self.stats["steps"] += 1
+        return [self._process(seq, n, tok) for (seq, n), tok in zip(batch, tokens)]
+
+    def _process(self, seq: Sequence, n: int, tok: int) -> RequestOutput:
+        seq.num_computed += n
+        seq.token_ids.append(tok)
+        self.stats["generation_tokens"] += 1
+        reason = None
+        if tok in self.stop_ids:
+            reason = "stop"
+        text = self.tokenizer.decode([t for t in seq.completion_ids if t not in self.stop_ids])
+        for s in seq.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and (len(seq.completion_ids) >= seq.params.max_new_tokens or len(seq) >= self.max_len):
+            reason = "length"
+        if reason is None:  # hold back a partial character and anything that may begin a stop string
+            keep = len(text) - 1 if text.endswith("\ufffd") else len(text)
+            for s in seq.stop:
+                keep = min([keep] + [len(text) - k for k in range(1, len(s)) if text.endswith(s[:k])])
+            text = text[:keep]
+        delta, seq.text = text[len(seq.text):], text if len(text) > len(seq.text) else seq.text
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.stats["requests_finished"] += 1
+        return RequestOutput(seq.request_id, seq.index, [tok], delta, reason is not None, reason,
+                             seq.num_prompt_tokens, len(seq.completion_ids))
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (all submitted at once); -> completion ids without stop tokens."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            self.add_request(str(i), p, sp)
+        out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        while self.has_unfinished():
+            for o in self.step():
+                out[o.request_id] += [t for t in o.token_ids if t not in self.stop_ids]
+        return [out[str(i)] for i in range(len(prompts))]

@@ -1,0 +1,74 @@
+"""Runs one scheduled step on the model: flat inputs, image features, paged attention, sampling.
+
+It makes no policy decisions (the scheduler does); it turns [(sequence, new tokens)] into one
+forward over a single flat row and returns one sampled token per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from internvl35.engine.paged_cache import PagedKVCache, build_layout
+from internvl35.engine.sequence import Sequence
+from internvl35.models.internvl import InternVLModel
+from internvl35.sampling import sample_next
+
+
+class ModelRunner:
+    def __init__(self, model: InternVLModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        t = model.cfg.text
+        p = model.language_model.model.embed_tokens.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = block_size
+        self.cache = PagedKVCache(t.num_layers, num_blocks, block_size, t.num_kv_heads, t.head_dim,
+                                  p.dtype, p.device)
+
+    def _inputs(self, batch: list[tuple[Sequence, int]]):
+        ids: list[int] = []
+        positions: list[int] = []
+        image_slots: list[bool] = []
+        feats: list[torch.Tensor] = []
+        for seq, n in batch:
+            start, end = seq.num_computed, seq.num_computed + n
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            inside = [False] * n
+            for s in seq.images:
+                for p in range(max(start, s.start), min(end, s.start + s.length)):
+                    inside[p - start] = True
+            image_slots += inside
+            if seq.features is not None:
+                a, b = seq.feature_rows(start, end)
+                if b > a:
+                    feats.append(seq.features[a:b])
+        dev = self.device
+        return (torch.tensor(ids, device=dev)[None], torch.tensor(positions, device=dev)[None],
+                torch.tensor(image_slots, device=dev), torch.cat(feats).to(dev, self.dtype) if feats else None)
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
+        """Compute the new tokens of every sequence; -> the next token of each."""
+        ids, positions, image_slots, feats = self._inputs(batch)
+        entries = [(seq.block_table, seq.num_computed, n) for seq, n in batch]
+        self.cache.layout = build_layout(entries, self.block_size, self.device)
+        lm = self.model.language_model
+        h = lm.model.embed_tokens(ids)  # [1, T, D]
+        if feats is not None:  # image rows are placed by span, not by token id
+            h = h.masked_scatter(image_slots[None, :, None], feats)
+        h = lm.model(h, positions, self.cache)
+        last = torch.tensor([n for _, n in batch], device=self.device).cumsum(0) - 1
+        logits = lm.logits(h[0, last])  # [N, V]
+        self.cache.layout = None
+        return self.sample(logits, [seq for seq, _ in batch])
+
+    @staticmethod
+    def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        out = logits.float().argmax(-1).tolist()  # greedy rows need nothing else
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.greedy and p.repetition_penalty == 1.0:
+                continue
+            seen = torch.tensor([seq.token_ids], device=logits.device) if p.repetition_penalty != 1.0 else None
+            out[i] = int(sample_next(logits[i:i + 1], p, seq.generator, seen)[0])
+        return out

@@ -1,0 +1,94 @@
+"""The paged KV cache: one flat pool of slots per layer, addressed through each sequence's block table.
+
+A step's tokens from many sequences (prefill chunks and single decode tokens, mixed) arrive as one
+flat row. `attend` writes their K/V into their slots, then attends each prefill over its own slots
+and all decodes together over padded slot lists. This is the one place a GPU varlen / paged kernel
+would replace the PyTorch code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from internvl35.models.layers import attention
+
+
+@dataclass
+class StepLayout:
+    """Where each sequence of a step sits in the flat row and in the cache (built once per step)."""
+
+    slots: torch.Tensor  # [T] cache slot of every new token
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (q start, q end, slots [ctx], mask)
+    decode_rows: torch.Tensor | None  # [B] positions of the decode tokens in the flat row
+    decode_slots: torch.Tensor | None  # [B, S] slots of each decode sequence's context (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, S] True = real key
+
+
+def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
+                 device: torch.device) -> StepLayout:
+    """entries: per sequence (block table, tokens already cached, new tokens), in flat-row order."""
+    slots, prefills, dec_rows, dec_slots = [], [], [], []
+    row = 0
+    for table, cached, new in entries:
+        ctx = cached + new
+        table_t = torch.tensor(table, dtype=torch.long)
+        all_slots = (table_t[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
+        slots.append(all_slots[cached:])
+        if new == 1 and cached > 0:
+            dec_rows.append(row)
+            dec_slots.append(all_slots)
+        else:
+            mask = None
+            if cached:  # causal with an offset: query j sees keys <= cached + j
+                q = torch.arange(cached, ctx)[:, None]
+                mask = (torch.arange(ctx)[None, :] <= q)[None, None].to(device)
+            prefills.append((row, row + new, all_slots.to(device), mask))
+        row += new
+    layout = StepLayout(torch.cat(slots).to(device), prefills, None, None, None)
+    if dec_rows:
+        S = max(len(s) for s in dec_slots)
+        padded = torch.zeros(len(dec_slots), S, dtype=torch.long)
+        mask = torch.zeros(len(dec_slots), S, dtype=torch.bool)
+        for i, s in enumerate(dec_slots):
+            padded[i, :len(s)] = s
+            mask[i, :len(s)] = True
+        layout.decode_rows = torch.tensor(dec_rows, device=device)
+        layout.decode_slots, layout.decode_mask = padded.to(device), mask[:, None, None].to(device)
+    return layout
+
+
+class PagedKVCache:
+    """K/V pools [layers, num_blocks * block_size, K, Dh]; implements `AttentionCache`."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.layout: StepLayout | None = None
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, H, T, Dh], k/v [1, K, T, Dh] for the step's flat row -> [1, H, T, Dh]."""
+        lay = self.layout
+        kc, vc = self.k[layer], self.v[layer]
+        kc[lay.slots] = k[0].transpose(0, 1)
+        vc[lay.slots] = v[0].transpose(0, 1)
+        out = torch.empty_like(q)
+        for start, end, slots, mask in lay.prefills:
+            keys, values = kc[slots].transpose(0, 1)[None], vc[slots].transpose(0, 1)[None]  # [1, K, ctx, Dh]
+            out[:, :, start:end] = attention(q[:, :, start:end], keys, values, causal=mask is None, mask=mask)
+        if lay.decode_rows is not None:
+            keys = kc[lay.decode_slots].permute(0, 2, 1, 3)  # [B, K, S, Dh]
+            values = vc[lay.decode_slots].permute(0, 2, 1, 3)
+            qd = q[0, :, lay.decode_rows].transpose(0, 1)[:, :, None]  # [B, H, 1, Dh]
+            o = attention(qd, keys, values, causal=False, mask=lay.decode_mask)
+            out[0, :, lay.decode_rows] = o[:, :, 0].transpose(0, 1)
+        return out

@@ -1,0 +1,133 @@
+"""The engine's outputs equal `model.chat` token for token: mixed requests submitted together,
+with prefix and feature caching, under KV pressure (preemption), with Flash and with MoE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import internvl35
+from internvl35.data.world import generate
+from internvl35.engine.llm_engine import EngineConfig, LLMEngine
+from internvl35.errors import InputError
+from internvl35.generate import generate_stream
+from internvl35.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return internvl35.load("mini")
+
+
+def chat_ids(cm, prompt, params, flash=None) -> list[int]:
+    """Reference: the plain static-cache generation that `model.chat` runs."""
+    ids, feats = cm.encode(prompt, flash)
+    out = []
+    for step in generate_stream(cm.model, [ids], params, cm.stop_ids, feats, cm.tokenizer.pad_id):
+        if step[0] is None or step[0] in cm.stop_ids:
+            break
+        out.append(step[0])
+    return out
+
+
+def mixed_prompts(cm, n: int = 18):
+    """Single images (1-6 tiles), multi-image, video frames, text only, a repeated image."""
+    fams = ["attributes", "counting", "multi_image", "video", "hires", "text_only", "charts", "spatial", "text"]
+    prompts = []
+    for i in range(n):
+        s = generate(fams[i % len(fams)], 2**48 + 1000 + i)
+        if s.video:
+            prompts.append(cm.build_prompt(s.question, video=s.images))
+        else:
+            prompts.append(cm.build_prompt(s.question, s.images))
+    first = generate("attributes", 2**48 + 1000)
+    prompts.append(cm.build_prompt("Describe the image.", first.images))  # same image, other question
+    prompts.append(prompts[0])  # an identical request: full prefix hit
+    return prompts
+
+
+def test_engine_greedy_equals_chat_for_mixed_concurrent_requests(mini):
+    prompts = mixed_prompts(mini)
+    params = [SamplingParams(max_new_tokens=8 + 3 * (i % 5)) for i in range(len(prompts))]
+    engine = LLMEngine(mini, EngineConfig(block_size=8))
+    got = engine.generate(prompts, params)
+    want = [chat_ids(mini, p, sp) for p, sp in zip(prompts, params)]
+    assert len(prompts) >= 16 and got == want
+    assert engine.stats["cached_prompt_tokens"] > 0  # the repeated prompt reused KV blocks
+    assert engine.features.hits >= 2  # ... and the repeated image its vision features
+    assert any(p.pixel_values is not None and len(p.tiles_per_image) > 1 for p in prompts)
+    assert any(p.pixel_values is None for p in prompts)
+    assert engine.block_manager.num_free == engine.num_blocks  # everything released
+
+
+def random_chat_model(name: str, tokenizer):
+    """Random weights never stop early, so every request keeps growing its KV."""
+    from internvl35.chat import ChatModel
+    from internvl35.config import get_config
+    from internvl35.models.internvl import InternVLModel
+    from tests.conftest import randomize_
+
+    torch.manual_seed(0)
+    model = InternVLModel(get_config(name)).eval()
+    randomize_(model)
+    return ChatModel(model, tokenizer)
+
+
+def test_preemption_by_recompute_keeps_outputs(tokenizer):
+    cm = random_chat_model("mini", tokenizer)
+    prompts = mixed_prompts(cm, 10)
+    params = SamplingParams(max_new_tokens=24)
+    engine = LLMEngine(cm, EngineConfig(block_size=4, num_blocks=160))
+    got = engine.generate(prompts, params)
+    assert engine.scheduler.num_preemptions > 0
+    assert got == [chat_ids(cm, p, params) for p in prompts]
+
+
+def test_sampling_with_seed_matches_chat_and_stop_strings(mini):
+    s = generate("text_only", 2**48 + 7)
+    prompt = mini.build_prompt(s.question)
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=3)
+    engine = LLMEngine(mini)
+    assert engine.generate([prompt], params)[0] == chat_ids(mini, prompt, params)
+    # a stop string ends the output before it, and streaming never shows a part of it
+    full = mini.tokenizer.decode(chat_ids(mini, prompt, SamplingParams(max_new_tokens=12)))
+    stop = full.strip()[2:4]
+    engine.add_request("r", prompt, SamplingParams(max_new_tokens=12), stop=(stop,))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    text = "".join(o.text for o in outs)
+    assert outs[-1].finish_reason == "stop" and stop not in text and full.startswith(text)
+
+
+def test_abort_and_too_long_requests(mini):
+    engine = LLMEngine(mini, EngineConfig(block_size=4, num_blocks=40))
+    prompt = mini.build_prompt("What is the opposite of up?")
+    with pytest.raises(InputError, match="KV cache"):
+        engine.add_request("big", prompt, SamplingParams(max_new_tokens=400))
+    engine.add_request("a", prompt, SamplingParams(max_new_tokens=20))
+    engine.add_request("b", prompt, SamplingParams(max_new_tokens=5))
+    engine.step()
+    assert engine.abort("a") and not engine.abort("a")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.block_manager.num_free == 40
+
+
+def test_engine_flash_and_moe(tokenizer):
+    for name in ("mini", "mini-moe"):
+        cm = random_chat_model(name, tokenizer)
+        img = generate("hires", 2**48 + 5).images[0]
+        prompts = [cm.build_prompt("Describe the image.", [img]), cm.build_prompt("Count the circles.")]
+        flash = (0.5, 0.0) if name == "mini" else None
+        engine = LLMEngine(cm)
+        params = SamplingParams(max_new_tokens=6)
+        for p in prompts:
+            engine.add_request(str(len(engine.scheduler)), p, params, flash=flash)
+        outs = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).extend(t for t in o.token_ids if t not in cm.stop_ids)
+        assert [outs["0"], outs["1"]] == [chat_ids(cm, p, params, flash) for p in prompts]
+        if flash:  # the router compressed some tiles: fewer tokens than the uncompressed prompt
+            assert len(engine.encode(prompts[0], flash).input_ids) < len(prompts[0].input_ids)
