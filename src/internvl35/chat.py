@@ -89,7 +89,7 @@ class ChatModel:
         pixel_values = torch.cat(tiles) if tiles else None
         return Prompt(question, text, self.tokenizer.encode(text), pixel_values, [t.shape[0] for t in tiles])
 
-    def _flash(self, flash: bool | None, relative: float | None, absolute: float | None
+    def flash_settings(self, flash: bool | None, relative: float | None, absolute: float | None
                ) -> tuple[float, float] | None:
         f = self.cfg.flash
         on = (f is not None and f.flash_mode) if flash is None else flash
@@ -138,7 +138,7 @@ class ChatModel:
                  flash, flash_relative_threshold, flash_absolute_threshold, sampling):
         params = SamplingParams(**sampling)
         prompt = self.build_prompt(question, images, video, history, thinking, system, max_tiles, num_frames)
-        return prompt, self._flash(flash, flash_relative_threshold, flash_absolute_threshold), params
+        return prompt, self.flash_settings(flash, flash_relative_threshold, flash_absolute_threshold), params
 
     def stream_chat(self, question: str, images: list[ImageLike] = (), *, video=None,
                     history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,

@@ -1,4 +1,4 @@
-"""Command line: `internvl35 chat | convert | info` (thin: parses arguments, calls the library)."""
+"""Command line: `internvl35 chat | serve | convert | info | train | eval` (thin: parses arguments)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,22 @@ def chat(
             history.append((q, answer))
 
     _run(run)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("mini", "--model", "-m", help="Checkpoint directory or 'mini'."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    media_dir: Optional[Path] = typer.Option(None, "--media-dir", help="Allow file:// images under this folder."),
+    max_images: int = typer.Option(8, "--max-images", help="Most images per request."),
+    kv_cache_mb: int = typer.Option(512, "--kv-cache-mb", help="KV cache size."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most sequences decoded together."),
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, /metrics."""
+    from internvl35.serve.server import run_server
+
+    _run(lambda: run_server(model, host, port, media_dir, max_images, kv_cache_mb, max_num_seqs))
 
 
 @app.command()

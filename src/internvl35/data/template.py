@@ -88,3 +88,24 @@ def expand_image_tokens(prompt: str, tiles_per_image: list[int], tokens_per_tile
         span = IMG_START + IMG_CONTEXT * (tokens_per_tile * n) + IMG_END
         prompt = prompt.replace(IMAGE_PLACEHOLDER, span, 1)
     return prompt
+
+
+def split_reasoning(text: str, partial: bool = False) -> tuple[str, str]:
+    """A thinking-mode output -> (reasoning inside <think></think>, answer after it). With `partial`
+    (a stream still running), text that may still become the closing tag is held back."""
+    body = text.lstrip()
+    if not body.startswith(THINK_START):
+        if partial and THINK_START.startswith(body):
+            return "", ""  # maybe the opening tag is still arriving
+        return "", text
+    body = body[len(THINK_START):]
+    if THINK_END in body:
+        reasoning, _, answer = body.partition(THINK_END)
+        return reasoning.strip("\n"), answer.lstrip("\n")
+    if partial:
+        for k in range(len(THINK_END) - 1, 0, -1):
+            if body.endswith(THINK_END[:k]):
+                body = body[:-k]
+                break
+        return body.lstrip("\n"), ""
+    return body.strip("\n"), ""

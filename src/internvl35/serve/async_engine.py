@@ -1,0 +1,119 @@
+"""Drives the single-threaded `LLMEngine` from one background thread and hands each request's
+outputs to the asyncio task that asked for them.
+
+Requests and aborts enter through a thread-safe inbox, so the engine is only ever touched by its own
+thread; an error in one request (bad input found while encoding) goes back to that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from internvl35.engine.llm_engine import LLMEngine, RequestOutput
+
+log = logging.getLogger("internvl35.serve")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    n: int
+    started: float = field(default_factory=time.perf_counter)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.counters = {"requests_total": 0, "requests_failed": 0, "requests_aborted": 0}
+        self._thread = threading.Thread(target=self._loop, name="internvl35-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    async def generate(self, request_id: str, prompt, params, stop: tuple[str, ...] = (), n: int = 1,
+                       flash: tuple[float, float] | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they are produced; leaving early aborts it."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), n)
+        self._streams[request_id] = stream
+        self.counters["requests_total"] += 1
+        self._put(("add", request_id, prompt, params, stop, n, flash))
+        finished = 0
+        try:
+            while finished < n:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    self.counters["requests_failed"] += 1
+                    raise item
+                finished += item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if finished < n:  # the client went away or an error surfaced: free its sequences
+                self.counters["requests_aborted"] += 1
+                self._put(("abort", request_id))
+
+    def _put(self, msg: tuple) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "abort":
+                self.engine.abort(msg[1])
+                continue
+            _, rid, prompt, params, stop, n, flash = msg
+            if rid not in self._streams:  # gone before it started
+                continue
+            try:
+                self.engine.add_request(rid, prompt, params, stop, n, flash)
+            except Exception as e:  # noqa: BLE001 - bad input (or a bug) belongs to this request only
+                self._deliver(rid, e)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail what is running, keep serving
+                log.exception("engine step failed")
+                for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+                    self.engine.abort(seq.request_id)
+                    self._deliver(seq.request_id, RuntimeError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
