@@ -18,6 +18,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k cut
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # engine: run to max_new_tokens past the stop token (benchmarks)
 
     def __post_init__(self) -> None:
         checks = [

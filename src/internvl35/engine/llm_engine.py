@@ -158,7 +158,7 @@ class LLMEngine:
         seq.token_ids.append(tok)
         self.stats["generation_tokens"] += 1
         reason = None
-        if tok in self.stop_ids:
+        if tok in self.stop_ids and not seq.params.ignore_eos:
             reason = "stop"
         text = self.tokenizer.decode([t for t in seq.completion_ids if t not in self.stop_ids])
         for s in seq.stop:
