@@ -46,12 +46,16 @@ class ChatModel:
         self.stop_ids = {tokenizer.token_id(self.template.stop)}
 
     @property
+    def _param(self) -> torch.Tensor:  # a materialised parameter (a decoupled half keeps the rest on meta)
+        return next(p for p in self.model.parameters() if p.device.type != "meta")
+
+    @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._param.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self._param.dtype
 
     def __call__(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **kw) -> torch.Tensor:
         """HF-style forward: ids with expanded <IMG_CONTEXT> tokens -> logits [B, L, V]."""
@@ -198,10 +202,11 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu") -> ChatModel:
-    """Load a checkpoint directory of either format (auto-detected), or "mini", for inference."""
+         device: str | torch.device = "cpu", part: str = "all") -> ChatModel:
+    """Load a checkpoint directory of either format (auto-detected), or "mini", for inference;
+    `part="vision"` / `"language"` loads one side only (decoupled serving)."""
     path = resolve_path(path_or_preset)
     cfg, fmt = config_from_dict(read_config_json(path), name=path.name)
     tokenizer = Tokenizer.from_dir(path)
-    model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device)
+    model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
     return ChatModel(model, tokenizer, fmt, path)

@@ -107,11 +107,29 @@ def serve(
     max_images: int = typer.Option(8, "--max-images", help="Most images per request."),
     kv_cache_mb: int = typer.Option(512, "--kv-cache-mb", help="KV cache size."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most sequences decoded together."),
+    vision: list[str] = typer.Option([], "--vision", help="Vision server tcp://HOST:PORT (repeatable): "
+                                     "decoupled deployment, only the LLM is loaded here."),
+    vision_timeout: float = typer.Option(30.0, "--vision-timeout", help="Seconds to wait for a vision server."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the model."),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, /metrics."""
     from internvl35.serve.server import run_server
 
-    _run(lambda: run_server(model, host, port, media_dir, max_images, kv_cache_mb, max_num_seqs))
+    _run(lambda: run_server(model, host, port, media_dir, max_images, kv_cache_mb, max_num_seqs, vision,
+                            vision_timeout, threads))
+
+
+@app.command("serve-vision")
+def serve_vision(
+    model: str = typer.Option("mini", "--model", "-m", help="Checkpoint directory or 'mini'."),
+    bind: str = typer.Option("tcp://127.0.0.1:5555", "--bind", help="ZeroMQ endpoint to listen on."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the vision tower."),
+    max_batch_tiles: int = typer.Option(64, "--max-batch-tiles", help="Most tiles encoded in one pass."),
+) -> None:
+    """Vision server for decoupled deployment: ViT + projectors + Flash router, features over TCP."""
+    from internvl35.serve.vision_server import run_vision_server
+
+    _run(lambda: run_vision_server(model, bind, threads, max_batch_tiles))
 
 
 @app.command()

@@ -88,7 +88,9 @@ def tiles_to_tensor(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # contiguous NCHW: a channels-last tensor takes another conv kernel, so the same tiles would
+    # give slightly different features after a trip through a wire format or a copy
+    return ((x - mean) / std).contiguous()
 
 
 def preprocess_image(src: ImageLike, image_size: int, max_num: int = 12, use_thumbnail: bool = True,

@@ -7,19 +7,18 @@ from one background thread (`internvl35.serve.async_engine`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from internvl35.chat import ChatModel, Prompt
 from internvl35.engine.block_manager import BlockManager
-from internvl35.engine.mm_cache import FeatureCache, image_digest
+from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, assemble, image_keys, split_features
 from internvl35.engine.model_runner import ModelRunner
 from internvl35.engine.paged_cache import PagedKVCache
 from internvl35.engine.scheduler import Scheduler
-from internvl35.engine.sequence import ImageSpan, Sequence
+from internvl35.engine.sequence import Sequence
 from internvl35.errors import InputError
-from internvl35.models.internvl import flash_keep_mask
 from internvl35.sampling import SamplingParams
 
 
@@ -47,15 +46,6 @@ class RequestOutput:
     num_completion_tokens: int = 0
 
 
-@dataclass
-class EncodedPrompt:
-    """A prompt after the vision side: final token ids (Flash-compacted), feature rows, image spans."""
-
-    input_ids: list[int]
-    features: torch.Tensor | None
-    spans: list[ImageSpan] = field(default_factory=list)
-
-
 class LLMEngine:
     def __init__(self, chat_model: ChatModel, config: EngineConfig | None = None) -> None:
         self.chat_model, self.model, self.tokenizer = chat_model, chat_model.model, chat_model.tokenizer
@@ -81,40 +71,17 @@ class LLMEngine:
         if prompt.pixel_values is None:
             return EncodedPrompt(list(prompt.input_ids), None)
         tiles = prompt.pixel_values.split(prompt.tiles_per_image)
-        keys = [image_digest(t, flash) for t in tiles]
-        if flash is not None:
-            whole = image_digest(prompt.pixel_values, flash)
-            keys = [whole + k for k in keys]
+        keys = image_keys(prompt, flash)
         got = [self.features.get(k) for k in keys]
         missing = [i for i, g in enumerate(got) if g is None]
         if missing:
             todo = list(range(len(tiles))) if flash is not None else missing
             pv = torch.cat([tiles[i] for i in todo]).to(self.chat_model.device, self.chat_model.dtype)
             feats, per_tile = self.model.encode_images(pv, flash)
-            counts, offset = iter(per_tile), 0
-            for i in todo:
-                c = [next(counts) for _ in range(len(tiles[i]))]
-                got[i] = (feats[offset:offset + sum(c)], c)
-                offset += sum(c)
-                self.features.put(keys[i], *got[i])
-        ids = prompt.input_ids
-        if flash is not None:
-            per_tile = [c for _, counts in got for c in counts]
-            keep = flash_keep_mask(torch.tensor(ids), self.tokenizer.img_context_id, per_tile,
-                                   self.model.cfg.num_image_token)
-            ids = torch.tensor(ids)[keep].tolist()
-        return EncodedPrompt(list(ids), torch.cat([f for f, _ in got]), self._spans(ids, got, keys))
-
-    def _spans(self, ids: list[int], got, keys: list[bytes]) -> list[ImageSpan]:
-        """Each image's run of <IMG_CONTEXT> positions (in order) with its content digest."""
-        img = self.tokenizer.img_context_id
-        slots = [p for p, t in enumerate(ids) if t == img]
-        spans, k = [], 0
-        for (f, _), key in zip(got, keys):
-            n = f.shape[0]
-            spans.append(ImageSpan(slots[k], n, key))
-            k += n
-        return spans
+            for i, item in zip(todo, split_features(feats, per_tile, [len(tiles[i]) for i in todo])):
+                got[i] = item
+                self.features.put(keys[i], *item)
+        return assemble(prompt, got, keys, flash, self.tokenizer.img_context_id, self.model.cfg.num_image_token)
 
     # --- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt | EncodedPrompt, params: SamplingParams,

@@ -1,15 +1,33 @@
-"""Vision-feature cache: image content digest -> projected features, LRU under a byte cap.
+"""Image features on the language side: content digests, the feature cache (LRU under a byte cap)
+and the assembly of a prompt with its features (Flash compaction, image spans for prefix hashing).
 
 A repeated image skips the vision tower even when its prompt context differs (the KV prefix cache
-only helps when everything before the image is identical too).
+only helps when everything before the image is identical too). Local encoding (the engine) and
+remote encoding (a decoupled vision server) share all of this.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
+
+from internvl35.chat import Prompt
+from internvl35.engine.sequence import ImageSpan
+from internvl35.models.internvl import flash_keep_mask
+
+Features = tuple[torch.Tensor, list[int]]  # (rows [M, D], tokens per tile)
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt after the vision side: final token ids (Flash-compacted), feature rows, image spans."""
+
+    input_ids: list[int]
+    features: torch.Tensor | None
+    spans: list[ImageSpan] = field(default_factory=list)
 
 
 def image_digest(tiles: torch.Tensor, flash: tuple[float, float] | None = None) -> bytes:
@@ -50,3 +68,39 @@ class FeatureCache:
             self.bytes -= old.numel() * old.element_size()
         self._items[key] = (features, tokens_per_tile)
         self.bytes += size
+
+
+def image_keys(prompt: Prompt, flash: tuple[float, float] | None) -> list[bytes]:
+    """One cache key per image; with Flash an image's tokens depend on the whole request's tiles
+    (the router's quantile), so its key includes the request's digest."""
+    keys = [image_digest(t, flash) for t in prompt.pixel_values.split(prompt.tiles_per_image)]
+    if flash is not None:
+        whole = image_digest(prompt.pixel_values, flash)
+        keys = [whole + k for k in keys]
+    return keys
+
+
+def split_features(feats: torch.Tensor, per_tile: list[int], tiles_per_image: list[int]) -> list[Features]:
+    """Features of several images encoded together -> one (rows, tokens per tile) per image."""
+    out, t, r = [], 0, 0
+    for n in tiles_per_image:
+        counts = per_tile[t:t + n]
+        out.append((feats[r:r + sum(counts)], counts))
+        t, r = t + n, r + sum(counts)
+    return out
+
+
+def assemble(prompt: Prompt, got: list[Features], keys: list[bytes], flash: tuple[float, float] | None,
+             image_token_id: int, tile_tokens: int) -> EncodedPrompt:
+    """Token ids (compacted where the router kept 64 tokens), all feature rows, each image's span."""
+    ids = prompt.input_ids
+    if flash is not None:
+        per_tile = [c for _, counts in got for c in counts]
+        keep = flash_keep_mask(torch.tensor(ids), image_token_id, per_tile, tile_tokens)
+        ids = torch.tensor(ids)[keep].tolist()
+    slots = [p for p, t in enumerate(ids) if t == image_token_id]
+    spans, k = [], 0
+    for (f, _), key in zip(got, keys):
+        spans.append(ImageSpan(slots[k], f.shape[0], key))
+        k += f.shape[0]
+    return EncodedPrompt(list(ids), torch.cat([f for f, _ in got]), spans)

@@ -57,7 +57,11 @@ class InternVLModel(nn.Module):
         `flash=(relative, absolute)` runs the router over the request's tiles and keeps 64 tokens for
         the tiles it compresses; without it every tile gets 256 tokens (Flash weights unused).
         """
-        vit = self.vit_tokens(pixel_values)
+        return self.features_from_vit(self.vit_tokens(pixel_values), flash)
+
+    def features_from_vit(self, vit: torch.Tensor, flash: tuple[float, float] | None = None
+                          ) -> tuple[torch.Tensor, list[int]]:
+        """The projector (and router) half of `encode_images`, for ViT tokens [N, P, C] of one request."""
         full = self.project(vit)  # [N, 256, D]
         if flash is None:
             return full.reshape(-1, full.shape[-1]), [full.shape[1]] * full.shape[0]

@@ -21,6 +21,7 @@ from internvl35.sampling import SamplingParams
 from internvl35.serve.async_engine import AsyncEngine
 from internvl35.serve.media import MediaLimits, fetch_image
 from internvl35.serve.protocol import ChatCompletionRequest, split_messages
+from internvl35.serve.vision_client import RemoteVision, VisionUnavailable
 from internvl35.data.template import split_reasoning
 
 
@@ -36,7 +37,9 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
-              limits: ServerLimits = ServerLimits()) -> FastAPI:
+              limits: ServerLimits = ServerLimits(), vision: RemoteVision | None = None) -> FastAPI:
+    """`vision` set: images are encoded by remote vision servers (decoupled deployment) while the
+    engine keeps decoding; otherwise the engine encodes them itself."""
     app = FastAPI(title="internvl35", docs_url=None, redoc_url=None)
     started = int(time.time())
 
@@ -64,7 +67,7 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(engine))
+        return PlainTextResponse(prometheus_text(engine, vision))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -79,6 +82,11 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
             flash = chat_model.flash_settings(req.flash, req.flash_relative_threshold, req.flash_absolute_threshold)
         except InputError as e:
             return error(400, str(e))
+        if vision is not None:
+            try:
+                prompt = await vision.encode(prompt, flash)
+            except VisionUnavailable as e:
+                return error(503, str(e), kind="service_unavailable")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = engine.generate(rid, prompt, params, tuple(req.stop or ()), req.n, flash)
         meta = {"id": rid, "created": int(time.time()), "model": model_name}
@@ -180,7 +188,7 @@ def _events(out, texts: dict, sent: dict, req: ChatCompletionRequest, chunk):
                       "finish_reason": out.finish_reason if out.finished else None}])
 
 
-def prometheus_text(engine: AsyncEngine) -> str:
+def prometheus_text(engine: AsyncEngine, vision: RemoteVision | None = None) -> str:
     e = engine.engine
     counters = {**{f"internvl35_{k}": v for k, v in engine.counters.items()},
                 "internvl35_prompt_tokens_total": e.stats["prompt_tokens"],
@@ -190,6 +198,10 @@ def prometheus_text(engine: AsyncEngine) -> str:
                 "internvl35_preemptions_total": e.scheduler.num_preemptions,
                 "internvl35_vision_cache_hits_total": e.features.hits,
                 "internvl35_vision_cache_misses_total": e.features.misses}
+    if vision is not None:
+        counters.update({f"internvl35_remote_vision_{k}_total": v for k, v in vision.stats.items()})
+        counters["internvl35_vision_cache_hits_total"] = vision.features.hits
+        counters["internvl35_vision_cache_misses_total"] = vision.features.misses
     gauges = {"internvl35_requests_running": engine.num_running,
               "internvl35_requests_waiting": engine.num_waiting,
               "internvl35_kv_blocks_free": e.block_manager.num_free,

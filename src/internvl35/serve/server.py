@@ -12,23 +12,39 @@ from internvl35.engine.llm_engine import EngineConfig, LLMEngine
 from internvl35.serve.async_engine import AsyncEngine
 from internvl35.serve.media import MediaLimits
 from internvl35.serve.openai_api import ServerLimits, build_app
+from internvl35.serve.vision_client import RemoteVision
 
 
 def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | None = None,
-               limits: ServerLimits = ServerLimits(), name: str | None = None) -> FastAPI:
-    chat_model = load(model) if isinstance(model, (str, Path)) else model
-    engine = AsyncEngine(LLMEngine(chat_model, engine_config))
-    served = name or (chat_model.path.name if chat_model.path else "internvl35")
-    app = build_app(chat_model, engine, served, limits)
+               limits: ServerLimits = ServerLimits(), name: str | None = None,
+               vision: list[str] = (), vision_timeout_s: float = 30.0) -> FastAPI:
+    """The OpenAI server; with `vision` endpoints only the LLM is loaded and images go to those
+    vision servers (decoupled deployment)."""
+    if isinstance(model, (str, Path)):
+        model = load(model, part="language" if vision else "all")
+    engine = AsyncEngine(LLMEngine(model, engine_config))
+    remote = None
+    if vision:
+        remote = RemoteVision(list(vision), model.tokenizer.img_context_id, model.cfg.num_image_token,
+                              timeout_s=vision_timeout_s)
+    served = name or (model.path.name if model.path else "internvl35")
+    app = build_app(model, engine, served, limits, remote)
     app.router.on_shutdown.append(engine.close)
+    if remote is not None:
+        app.router.on_shutdown.append(remote.close)
     return app
 
 
 def run_server(model: str, host: str, port: int, media_dir: Path | None = None, max_images: int = 8,
-               kv_cache_mb: int = 512, max_num_seqs: int = 64, log_level: str = "info") -> None:
+               kv_cache_mb: int = 512, max_num_seqs: int = 64, vision: list[str] = (),
+               vision_timeout_s: float = 30.0, threads: int | None = None, log_level: str = "info") -> None:
+    import torch
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
     limits = ServerLimits(max_images=max_images, media=MediaLimits(local_dir=media_dir))
     config = EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, max_num_seqs=max_num_seqs)
-    uvicorn.run(create_app(model, config, limits), host=host, port=port, log_level=log_level)
+    app = create_app(model, config, limits, vision=vision, vision_timeout_s=vision_timeout_s)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

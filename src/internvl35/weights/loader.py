@@ -44,9 +44,17 @@ def _dest(param: torch.Tensor, t: Target) -> torch.Tensor:
     return dest if t.nparts == 1 else dest.chunk(t.nparts, dim=0)[t.part]
 
 
-def _plan(model: torch.nn.Module, readers: list[SafetensorsReader], fmt: str
+# Which parameters a process loads: the decoupled vision server needs only the vision side (ViT,
+# projectors, Flash router), the language server only the LLM; the rest stays on the meta device.
+PARTS = {"all": lambda name: True,
+         "vision": lambda name: not name.startswith("language_model."),
+         "language": lambda name: name.startswith("language_model.")}
+
+
+def _plan(model: torch.nn.Module, readers: list[SafetensorsReader], fmt: str, part: str = "all"
           ) -> list[tuple[SafetensorsReader, str, Target]]:
-    params = dict(model.named_parameters())
+    every = dict(model.named_parameters())
+    params = {n: p for n, p in every.items() if PARTS[part](n)}
     filled: dict[str, int] = defaultdict(int)
     plan, unexpected = [], []
     for r in readers:
@@ -55,7 +63,8 @@ def _plan(model: torch.nn.Module, readers: list[SafetensorsReader], fmt: str
                 continue
             t = resolve(key, fmt)
             if t.param not in params:
-                unexpected.append(key)
+                if t.param not in every:
+                    unexpected.append(key)
                 continue
             want = tuple(_dest(params[t.param], t).shape)
             if entry.shape != want:
@@ -72,8 +81,9 @@ def _plan(model: torch.nn.Module, readers: list[SafetensorsReader], fmt: str
 
 
 def load_weights(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype,
-                 device: str | torch.device = "cpu") -> InternVLModel:
-    """Build `InternVLModel(cfg)` and fill it from the checkpoint at `path` (format `fmt`)."""
+                 device: str | torch.device = "cpu", part: str = "all") -> InternVLModel:
+    """Build `InternVLModel(cfg)` and fill it from the checkpoint at `path` (format `fmt`); with
+    `part` "vision" or "language" only that side is allocated and read."""
     readers = [SafetensorsReader(f) for f in weight_files(path)]
     keys = {k for r in readers for k in r.entries}
     head = "language_model.lm_head.weight" if fmt == "custom" else "lm_head.weight"
@@ -81,9 +91,12 @@ def load_weights(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype,
     tie = head not in keys and legacy_head not in keys  # tie only when the checkpoint has no head
     with torch.device("meta"):
         model = InternVLModel(cfg, tie_embeddings=tie)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    for name, child in model.named_children():
+        if any(PARTS[part](f"{name}.{n}") for n, _ in child.named_parameters()):
+            child.to_empty(device=device)
     with torch.no_grad():
-        for r, key, t in _plan(model, readers, fmt):
+        for r, key, t in _plan(model, readers, fmt, part):
             _dest(model.get_parameter(t.param), t).copy_(r.read(key))
     return model.eval()
 

@@ -1,0 +1,130 @@
+"""The vision half of decoupled deployment (`internvl35 serve-vision`): ViT, projectors and the Flash
+router only. A ZeroMQ ROUTER socket takes `encode` requests from any number of language servers;
+each round gathers what has arrived (up to a tile budget), runs the ViT once over all of those tiles,
+then the projector and router per request (the router's quantile stays per request), and replies
+with bfloat16 features of the kept tokens only."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import zmq
+
+from internvl35.chat import ChatModel
+from internvl35.serve.transport import ProtocolError, pack, unpack
+
+log = logging.getLogger("internvl35.vision")
+
+
+class VisionServer:
+    def __init__(self, chat_model: ChatModel, bind: str, max_batch_tiles: int = 64,
+                 max_request_tiles: int = 256) -> None:
+        self.model, self.cfg = chat_model.model, chat_model.cfg
+        self.device, self.dtype = chat_model.device, chat_model.dtype
+        self.max_batch_tiles, self.max_request_tiles = max_batch_tiles, max_request_tiles
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.stats = {"requests": 0, "tiles": 0, "batches": 0, "rejected": 0, "busy_s": 0.0}
+        self._stop = False
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+    def serve_forever(self) -> None:
+        log.info("vision server listening on %s", self.endpoint)
+        try:
+            while not self._stop:
+                if self.sock.poll(100):
+                    self.step()
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        """One round: drain the socket (up to the tile budget), encode, reply."""
+        batch, tiles = [], 0
+        while tiles < self.max_batch_tiles and self.sock.poll(0):
+            frames = self.sock.recv_multipart(copy=False)
+            job = self._accept(frames)
+            if job is not None:
+                batch.append(job)
+                tiles += job[2].shape[0]
+        if batch:
+            t = time.perf_counter()
+            self._encode(batch)
+            self.stats["busy_s"] += time.perf_counter() - t
+
+    def _accept(self, frames) -> tuple | None:
+        """Validate one message; answers pings and rejects malformed input (logged, never fatal)."""
+        ident, body = frames[0].bytes, frames[1:]
+        rid = None
+        try:
+            header, tensors = unpack(body)
+            rid = header.get("id")
+            if header["type"] == "ping":
+                self.sock.send_multipart([ident, *pack({"type": "pong", "id": rid})])
+                return None
+            if header["type"] != "encode":
+                raise ProtocolError(f"a vision server takes encode/ping messages, not {header['type']!r}")
+            return (ident, header, *self._check(header, tensors))
+        except ProtocolError as e:
+            self.stats["rejected"] += 1
+            log.warning("rejected message%s: %s", f" {rid}" if rid else "", e)
+            self.sock.send_multipart([ident, *pack({"type": "error", "id": rid, "message": str(e)})])
+            return None
+
+    def _check(self, header: dict, tensors: list) -> tuple[torch.Tensor, tuple[float, float] | None]:
+        S = self.cfg.vision.image_size
+        if len(tensors) != 1 or tensors[0].dtype != torch.float32 or tensors[0].ndim != 4 \
+                or tuple(tensors[0].shape[1:]) != (3, S, S):
+            raise ProtocolError(f"encode takes one float32 tensor [N, 3, {S}, {S}]")
+        pv = tensors[0]
+        tpi = header["tiles_per_image"]
+        if not isinstance(tpi, list) or not all(isinstance(n, int) and n > 0 for n in tpi) \
+                or sum(tpi) != pv.shape[0] or pv.shape[0] > self.max_request_tiles:
+            raise ProtocolError(f"tiles_per_image {tpi!r} does not describe {pv.shape[0]} tiles "
+                                f"(at most {self.max_request_tiles})")
+        flash = header.get("flash")
+        if flash is not None:
+            if self.cfg.flash is None:
+                raise ProtocolError("this checkpoint has no Flash router; send flash=None")
+            if not (isinstance(flash, list) and len(flash) == 2 and all(isinstance(x, (int, float)) for x in flash)):
+                raise ProtocolError("flash must be [relative, absolute] thresholds")
+            flash = (float(flash[0]), float(flash[1]))
+        return pv, flash
+
+    @torch.inference_mode()
+    def _encode(self, batch: list) -> None:
+        pv = torch.cat([b[2] for b in batch]).to(self.device, self.dtype)
+        vit = self.model.vit_tokens(pv)  # one ViT pass over every tile of the round
+        start = 0
+        for ident, header, tiles, flash in batch:
+            n = tiles.shape[0]
+            feats, per_tile = self.model.features_from_vit(vit[start:start + n], flash)
+            start += n
+            reply = {"type": "features", "id": header["id"], "tokens_per_tile": per_tile}
+            self.sock.send_multipart([ident, *pack(reply, [feats.to(torch.bfloat16)])], copy=False)
+            self.stats["requests"] += 1
+            self.stats["tiles"] += n
+        self.stats["batches"] += 1
+
+
+def run_vision_server(model: str, bind: str, threads: int | None = None, max_batch_tiles: int = 64) -> None:
+    from internvl35.chat import load
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    server = VisionServer(load(model, part="vision"), bind, max_batch_tiles)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,214 @@
+"""Decoupled deployment: wire format, a real vision server on loopback, features bit-identical to
+local BF16 ones, Flash over the wire, faults (down, slow, restarted, malformed), and the OpenAI
+server in front of remote vision."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import msgpack
+import openai
+import pytest
+import torch
+import zmq
+
+import internvl35
+from internvl35.data.world import generate
+from internvl35.engine.llm_engine import LLMEngine
+from internvl35.engine.mm_cache import EncodedPrompt
+from internvl35.sampling import SamplingParams
+from internvl35.serve.transport import ProtocolError, pack, unpack
+from internvl35.serve.vision_client import RemoteVision, VisionUnavailable
+from internvl35.serve.vision_server import VisionServer
+from tests.serve.test_openai_server import data_url, free_port, user
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return internvl35.load("mini")
+
+
+@pytest.fixture(scope="module")
+def vision_model():
+    return internvl35.load("mini", part="vision")
+
+
+class Running:
+    """A vision server on its own thread."""
+
+    def __init__(self, model, bind: str) -> None:
+        self.server = VisionServer(model, bind)
+        self.endpoint = self.server.endpoint
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture()
+def vision(vision_model):
+    r = Running(vision_model, "tcp://127.0.0.1:*")
+    yield r
+    r.stop()
+
+
+def client_for(mini, endpoints, **kw) -> RemoteVision:
+    return RemoteVision(endpoints, mini.tokenizer.img_context_id, mini.cfg.num_image_token, **kw)
+
+
+def test_wire_format_round_trip_and_rejects_malformed():
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    header, (back,) = unpack([bytes(f) for f in pack({"type": "features", "id": "a", "tokens_per_tile": [3]}, [t])])
+    assert header["tokens_per_tile"] == [3] and torch.equal(back.view(torch.int16), t.view(torch.int16))
+    good = pack({"type": "encode", "id": "x", "tiles_per_image": [1]}, [torch.zeros(2, 2)])
+    bad = {
+        "not msgpack": [b"\xc1\xc1", *good[1:]],
+        "unknown type": [msgpack.packb({"v": 1, "type": "shell", "id": "x", "tensors": []})],
+        "missing field": [msgpack.packb({"v": 1, "type": "encode", "tensors": []})],
+        "frame count": [good[0]],
+        "size": [good[0], b"\x00" * 3],
+        "dtype": [msgpack.packb({"v": 1, "type": "encode", "id": "x", "tiles_per_image": [1],
+                                 "tensors": [{"dtype": "object", "shape": [1]}]}), b"\x00" * 8],
+    }
+    for name, frames in bad.items():
+        with pytest.raises(ProtocolError):
+            unpack(frames)
+
+
+def test_remote_features_bit_identical_to_local_bf16(mini, vision):
+    s = generate("hires", 2**48 + 21)
+    prompt = mini.build_prompt(s.question, s.images)
+    client = client_for(mini, [vision.endpoint], timeout_s=30)
+    enc = asyncio.run(client.encode(prompt))
+    with torch.inference_mode():
+        local, per_tile = mini.model.encode_images(prompt.pixel_values)
+    assert enc.features.dtype == torch.bfloat16 and len(prompt.tiles_per_image) == 1
+    assert torch.equal(enc.features.view(torch.int16), local.to(torch.bfloat16).view(torch.int16))
+    assert enc.input_ids == prompt.input_ids and enc.spans[0].length == sum(per_tile)
+    again = asyncio.run(client.encode(prompt))  # the image is encoded once: the second comes from cache
+    assert client.stats["sent"] == 1 and torch.equal(again.features, enc.features)
+    client.close()
+
+
+def test_flash_router_runs_remotely_and_only_kept_tokens_travel(mini, vision):
+    s = generate("hires", 2**48 + 22)
+    prompt = mini.build_prompt(s.question, s.images)
+    flash = (0.5, 0.0)
+    client = client_for(mini, [vision.endpoint])
+    enc = asyncio.run(client.encode(prompt, flash))
+    local = LLMEngine(mini).encode(prompt, flash)
+    assert enc.input_ids == local.input_ids and len(enc.input_ids) < len(prompt.input_ids)
+    assert enc.features.shape == local.features.shape
+    assert torch.equal(enc.features.view(torch.int16), local.features.to(torch.bfloat16).view(torch.int16))
+    client.close()
+
+
+def test_malformed_message_is_rejected_and_server_keeps_serving(mini, vision):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(vision.endpoint)
+    sock.send_multipart([msgpack.packb({"v": 1, "type": "encode", "id": "bad", "tiles_per_image": [2],
+                                        "tensors": [{"dtype": "float32", "shape": [1, 3, 4, 4]}]}),
+                         b"\x00" * (3 * 16 * 4)])
+    assert sock.poll(5000)
+    header, _ = unpack(sock.recv_multipart())
+    assert header["type"] == "error" and "float32 tensor" in header["message"]
+    sock.close(0)
+    ctx.term()
+    prompt = mini.build_prompt("What color is the circle?", generate("attributes", 2**48 + 23).images)
+    client = client_for(mini, [vision.endpoint])
+    assert asyncio.run(client.encode(prompt)).features is not None
+    assert vision.server.stats["rejected"] == 1
+    client.close()
+
+
+def test_down_and_slow_servers_fail_over(mini, vision):
+    prompt = mini.build_prompt("What color is the circle?", generate("attributes", 2**48 + 24).images)
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # accepts connections, never answers
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    slow = f"tcp://127.0.0.1:{port}"
+    client = client_for(mini, [dead, slow, vision.endpoint], timeout_s=0.5)
+    client.peers[2].down_until = time.monotonic() + 60  # make the live server the last resort
+    t = time.perf_counter()
+    enc = asyncio.run(client.encode(prompt))
+    took = time.perf_counter() - t
+    assert enc.features is not None and client.stats["retries"] == 2
+    assert 0.5 <= took < 5  # one timeout for the slow server; the dead one failed at once
+    silent.close(0)
+    ctx.term()
+    client.close()
+
+
+def test_restarted_server_is_picked_up_again(mini, vision_model):
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    prompt = mini.build_prompt("What color is the circle?", generate("attributes", 2**48 + 25).images)
+    client = client_for(mini, [endpoint], timeout_s=2, retry_after_s=0.2)
+
+    async def scenario():
+        first = Running(vision_model, endpoint)
+        ok = await client.request(prompt.pixel_values, prompt.tiles_per_image, None)
+        first.stop()
+        with pytest.raises(VisionUnavailable, match="could encode"):
+            await client.request(prompt.pixel_values, prompt.tiles_per_image, None)
+        second = Running(vision_model, endpoint)
+        await asyncio.sleep(0.5)  # reconnect and let the down mark expire
+        again = await client.request(prompt.pixel_values, prompt.tiles_per_image, None)
+        second.stop()
+        return ok, again
+
+    ok, again = asyncio.run(scenario())
+    assert torch.equal(ok[0], again[0])
+    client.close()
+
+
+def test_openai_server_over_remote_vision(mini, vision):
+    import uvicorn
+
+    from internvl35.serve.server import create_app
+
+    lang = internvl35.load("mini", part="language")
+    assert all(p.device.type == "meta" for p in lang.model.vision_model.parameters())
+    port = free_port()
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    srv = uvicorn.Server(uvicorn.Config(create_app(lang, name="mini", vision=[vision.endpoint]),
+                                        host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    down = uvicorn.Server(uvicorn.Config(create_app(lang, name="mini", vision=[dead], vision_timeout_s=0.5),
+                                         host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread2 = threading.Thread(target=down.run, daemon=True)
+    thread2.start()
+    while not down.started:
+        time.sleep(0.05)
+    try:
+        s = generate("counting", 2**48 + 26)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
+                                           max_tokens=8)
+        # reference: the coupled engine fed the same BF16 features
+        prompt = mini.build_prompt(s.question, s.images)
+        with torch.inference_mode():
+            feats, _ = mini.model.encode_images(prompt.pixel_values)
+        enc = LLMEngine(mini).encode(prompt)
+        enc = EncodedPrompt(enc.input_ids, feats.to(torch.bfloat16), enc.spans)
+        want = mini.tokenizer.decode(LLMEngine(mini).generate([enc], SamplingParams(max_new_tokens=8))[0])
+        assert r.choices[0].message.content == want.strip()
+        bad = openai.OpenAI(base_url=f"http://127.0.0.1:{down.config.port}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            bad.chat.completions.create(model="mini", messages=user("hi", data_url(s.images[0])), max_tokens=4)
+        assert e.value.status_code == 503 and "vision server" in e.value.message
+        text_only = bad.chat.completions.create(model="mini", messages=user("What is 2 plus 3?"), max_tokens=4)
+        assert text_only.choices[0].finish_reason in ("stop", "length")  # unaffected by the vision outage
+    finally:
+        srv.should_exit = down.should_exit = True
+        thread.join(timeout=10)
+        thread2.join(timeout=10)
