@@ -111,12 +111,14 @@ def serve(
                                      "decoupled deployment, only the LLM is loaded here."),
     vision_timeout: float = typer.Option(30.0, "--vision-timeout", help="Seconds to wait for a vision server."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the model."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                                    help="Model id clients use (default: the folder name)."),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, /metrics."""
     from internvl35.serve.server import run_server
 
     _run(lambda: run_server(model, host, port, media_dir, max_images, kv_cache_mb, max_num_seqs, vision,
-                            vision_timeout, threads))
+                            vision_timeout, threads, served_model_name))
 
 
 @app.command("serve-vision")

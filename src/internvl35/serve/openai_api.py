@@ -78,7 +78,8 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
             prompt = await run_in_threadpool(make_prompt, chat_model, req, limits)
             params = SamplingParams(max_new_tokens=req.max_completion_tokens or req.max_tokens or 256,
                                     temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                    repetition_penalty=req.repetition_penalty, seed=req.seed)
+                                    repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                    ignore_eos=req.ignore_eos)
             flash = chat_model.flash_settings(req.flash, req.flash_relative_threshold, req.flash_absolute_threshold)
         except InputError as e:
             return error(400, str(e))

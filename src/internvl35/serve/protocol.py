@@ -51,6 +51,7 @@ class ChatCompletionRequest(BaseModel):
     thinking: bool = False
     chat_template_kwargs: dict | None = None  # {"enable_thinking": true}, as other servers accept
     max_tiles: int | None = Field(default=None, ge=1, le=40)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     flash: bool | None = None
     flash_relative_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     flash_absolute_threshold: float | None = Field(default=None, ge=0.0, le=1.0)

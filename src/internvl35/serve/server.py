@@ -37,7 +37,8 @@ def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | No
 
 def run_server(model: str, host: str, port: int, media_dir: Path | None = None, max_images: int = 8,
                kv_cache_mb: int = 512, max_num_seqs: int = 64, vision: list[str] = (),
-               vision_timeout_s: float = 30.0, threads: int | None = None, log_level: str = "info") -> None:
+               vision_timeout_s: float = 30.0, threads: int | None = None, name: str | None = None,
+               log_level: str = "info") -> None:
     import torch
     import uvicorn
 
@@ -46,5 +47,5 @@ def run_server(model: str, host: str, port: int, media_dir: Path | None = None, 
         torch.set_num_threads(threads)
     limits = ServerLimits(max_images=max_images, media=MediaLimits(local_dir=media_dir))
     config = EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, max_num_seqs=max_num_seqs)
-    app = create_app(model, config, limits, vision=vision, vision_timeout_s=vision_timeout_s)
+    app = create_app(model, config, limits, name, vision=vision, vision_timeout_s=vision_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,260 @@
+"""Decoupled Vision-Language Deployment benchmark: the paper's Table 18 in miniature.
+
+Request throughput of coupled serving vs DvD (vision server + language server) vs DvD + the Flash
+router, for a vision-heavy workload (one distinct multi-tile image per request, short outputs), all
+measured side by side in one run with real servers and a real HTTP client:
+
+  (a) added hardware, as in the paper: coupled on one core vs vision on one core + language on the other
+  (b) equal hardware: coupled on both cores vs the same 1 + 1 split
+
+Per-stage times (preprocessing, vision, LLM, transfer) are measured in-process on one thread and
+give the ideal pipeline bound 1 / max(stage time per core) that each mode is compared with.
+Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
+38B's (0.75); `--models` picks.
+
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import internvl35
+from internvl35.config import MINI_TEXT, get_config
+from internvl35.data.world import Style
+from internvl35.data.world.render import canvas, draw_shape
+from internvl35.engine.llm_engine import LLMEngine
+from internvl35.models.internvl import InternVLModel
+from internvl35.sampling import SamplingParams
+from internvl35.serve.transport import pack, unpack
+from internvl35.weights.convert import write_checkpoint
+
+FLASH = {"flash": True, "flash_relative_threshold": 0.5, "flash_absolute_threshold": 0.0}
+
+
+def vit_heavy_checkpoint(out: Path) -> Path:
+    """Mini's vision tower with a larger LLM: ViT / LLM-prefill time per tile near the 38B's 0.75."""
+    cm = internvl35.load("mini")
+    text = replace(MINI_TEXT, hidden_size=512, num_layers=5, num_heads=8, num_kv_heads=4,
+                   intermediate_size=1536)
+    cfg = replace(get_config("mini"), name="vit-heavy", text=text)
+    torch.manual_seed(0)
+    model = InternVLModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    write_checkpoint(model, cm.tokenizer, out, "custom", torch.bfloat16)
+    return out
+
+
+def images(n: int) -> list[str]:
+    """n distinct 336x224 scenes (6 tiles + thumbnail at 112 px) as data URLs."""
+    import random
+
+    urls = []
+    for i in range(n):
+        rng = random.Random(i)
+        img = canvas(336, 224, rng, Style())
+        for _ in range(6):
+            s = rng.randint(20, 44)
+            x, y = rng.randint(0, 336 - s), rng.randint(0, 224 - s)
+            draw_shape(img, rng.choice(["circle", "square", "triangle", "star"]),
+                       rng.choice(["red", "green", "blue", "yellow"]), (x, y, x + s, y + s), rng, Style())
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cores: set[int]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores))}
+    return subprocess.Popen([sys.executable, "-m", "internvl35.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
+
+
+async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: dict) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                timeout=600)
+    for _ in range(600):  # wait until the server (and its vision server) answers
+        try:
+            await client.chat.completions.create(model="m", max_tokens=1, extra_body=extra, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[-1]}},
+                                             {"type": "text", "text": "Describe the image."}]}])
+            break
+        except Exception:  # noqa: BLE001 - still starting
+            await asyncio.sleep(0.2)
+    sem = asyncio.Semaphore(conc)
+    latencies = []
+
+    async def one(url: str) -> None:
+        async with sem:
+            t = time.perf_counter()
+            await client.chat.completions.create(model="m", max_tokens=tokens, extra_body={**extra, "ignore_eos": True},
+                                                 messages=[{"role": "user", "content": [
+                                                     {"type": "image_url", "image_url": {"url": url}},
+                                                     {"type": "text", "text": "Describe the image."}]}])
+            latencies.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(u) for u in urls[:-1]))
+    total = time.perf_counter() - t0
+    await client.close()
+    return {"req_s": len(latencies) / total, "latency_s": sum(latencies) / len(latencies)}
+
+
+def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens) -> dict:
+    port, procs = free_port(), []
+    try:
+        if mode == "coupled":
+            procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
+                                 "--threads", str(len(cores[0]))], cores[0]))
+        else:
+            vport = free_port()
+            procs.append(launch(["serve-vision", "--model", str(ckpt), "--bind", f"tcp://127.0.0.1:{vport}",
+                                 "--threads", "1"], cores[1]))
+            procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m", "--threads",
+                                 "1", "--vision", f"tcp://127.0.0.1:{vport}"], cores[0]))
+        extra = FLASH if mode.endswith("router") else {}
+        return asyncio.run(load_test(port, urls, conc, tokens, extra))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def stage_times(ckpt: Path, urls: list[str], conc: int, tokens: int) -> dict:
+    """Seconds per request of each stage on one thread (+ transfer), with and without the router."""
+    from internvl35.serve.media import MediaLimits, fetch_image
+
+    torch.set_num_threads(1)
+    cm = internvl35.load(ckpt)
+    urls = urls[:16]
+    t = time.perf_counter()
+    prompts = [cm.build_prompt("Describe the image.", [fetch_image(u, MediaLimits())]) for u in urls]
+    pre = (time.perf_counter() - t) / len(urls)
+    out = {"preprocess": pre}
+    for name, flash in (("", None), ("_router", (0.5, 0.0))):
+        engine = LLMEngine(cm)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            encoded = [engine.encode(p, flash) for p in prompts]
+        out[f"vision{name}"] = (time.perf_counter() - t) / len(urls)
+        engine = LLMEngine(cm)
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+        t = time.perf_counter()
+        for b in range(0, len(encoded), conc):
+            engine.generate(encoded[b:b + conc], params)
+        out[f"llm{name}"] = (time.perf_counter() - t) / len(urls)
+        out[f"visual_tokens{name}"] = sum(e.features.shape[0] for e in encoded) / len(urls)
+    out["transfer"] = transfer_time([(p.pixel_values, e.features.to(torch.bfloat16)) for p, e in zip(prompts, encoded)])
+    return out
+
+
+def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Seconds per request to move the tiles out and the features back over ZeroMQ on loopback
+    (an echo peer on its own thread answers each request with a features-sized message)."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+
+    def echo() -> None:
+        for _, feats in payloads:
+            frames = router.recv_multipart(copy=False)
+            unpack(frames[1:])
+            router.send_multipart([frames[0], *pack({"type": "features", "id": "x", "tokens_per_tile": [1]},
+                                                    [feats])], copy=False)
+
+    th = threading.Thread(target=echo)
+    th.start()
+    t = time.perf_counter()
+    for pv, _ in payloads:
+        dealer.send_multipart(pack({"type": "encode", "id": "x", "tiles_per_image": [pv.shape[0]]}, [pv]), copy=False)
+        unpack(dealer.recv_multipart(copy=False))
+    took = (time.perf_counter() - t) / len(payloads)
+    th.join()
+    router.close(0)
+    dealer.close(0)
+    ctx.term()
+    return took
+
+
+def report(name: str, st: dict, res: dict) -> dict:
+    pre, v, llm, vr, llmr = st["preprocess"], st["vision"], st["llm"], st["vision_router"], st["llm_router"]
+    x = st["transfer"]
+    ideal = {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(v + x, pre + llm + x),
+             "dvd_router": 1 / max(vr + x, pre + llmr + x)}
+    a = {"coupled_1core": res["coupled_1core"]["req_s"], "dvd": res["dvd"]["req_s"],
+         "dvd_router": res["dvd_router"]["req_s"]}
+    lines = {
+        "stage_s_per_request": {k: round(val, 5) for k, val in st.items()},
+        "vision_over_llm_prefill": round(v / llm, 3),
+        "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
+        "measured_req_s": {**{k: round(val, 3) for k, val in a.items()},
+                           "coupled_2cores": round(res["coupled_2cores"]["req_s"], 3)},
+        "fraction_of_ideal": {k: round(a[k] / ideal[k], 3) for k in a},
+        "a_added_hardware": {"dvd_over_coupled": round(a["dvd"] / a["coupled_1core"], 3),
+                             "dvd_router_over_coupled": round(a["dvd_router"] / a["coupled_1core"], 3)},
+        "b_equal_hardware": {"dvd_over_coupled": round(a["dvd"] / res["coupled_2cores"]["req_s"], 3),
+                             "dvd_router_over_coupled": round(a["dvd_router"] / res["coupled_2cores"]["req_s"], 3)},
+        "transfer_share_of_latency": round(x / res["dvd"]["latency_s"], 4),
+        "latency_s": {k: round(r["latency_s"], 3) for k, r in res.items()},
+    }
+    print(f"== {name} ==\n{json.dumps(lines, indent=2)}", flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["vit-heavy", "mini"])
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    args = ap.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("needs 2 CPU cores")
+    c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+    tmp = Path(tempfile.mkdtemp())
+    urls = images(args.n + 1)
+    out = {}
+    for name in args.models:
+        ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
+        st = stage_times(ckpt, urls, args.concurrency, args.max_tokens)
+        run = lambda mode, cores: run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens)  # noqa: E731
+        res = {"coupled_1core": run("coupled", ({c0}, {c0})),
+               "coupled_2cores": run("coupled", ({c0, c1}, {c0, c1})),
+               "dvd": run("dvd", ({c0}, {c1})),
+               "dvd_router": run("dvd_router", ({c0}, {c1}))}
+        out[name] = report(name, st, res)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
