@@ -21,6 +21,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_dvd.py
 
 train-mini: $(STAMP)
 	$(BIN)/internvl35 train configs/mini.yaml --fresh

@@ -47,3 +47,25 @@ def test_append_opens_and_seals_blocks():
     assert bm.can_append(s)
     bm.append(s)
     assert len(s.block_table) == 3
+
+
+def test_a_full_prefix_hit_still_computes_the_last_block():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a = Sequence(list(range(8)))
+    bm.allocate(a)
+    b = Sequence(list(range(8)))  # identical, every block full and cached
+    bm.allocate(b)
+    assert b.num_cached_tokens == 4 and b.block_table[0] == a.block_table[0]
+    assert b.block_table[1] != a.block_table[1]  # its logits need the last token computed
+
+
+def test_can_append_matches_append():
+    bm = BlockManager(num_blocks=2, block_size=2)
+    s = Sequence([1, 2, 3])
+    bm.allocate(s)
+    assert bm.num_free == 0
+    s.token_ids.append(4)  # fits the second block
+    assert bm.can_append(s)
+    bm.append(s)
+    s.token_ids.append(5)  # needs a third block: none free
+    assert not bm.can_append(s)

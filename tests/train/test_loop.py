@@ -97,6 +97,25 @@ def test_loss_falls_and_sigkill_resume_is_exact(tmp_path, tok_dir):
     assert (run / "loss.png").is_file() and (run / "checkpoint" / "model.safetensors").is_file()
 
 
+def test_resume_at_a_stage_boundary_starts_the_next_stage_fresh(tmp_path, tok_dir):
+    # A recipe grown by a stage: the first run ends exactly at the boundary; resuming with the longer
+    # recipe must give the next stage a fresh optimizer and schedule, as an uninterrupted run does.
+    steps = 8
+    ref_cfg = _config(tmp_path / "ref", tok_dir, steps, save_every=100)
+    subprocess.run(_train_cmd(ref_cfg), check=True, capture_output=True)
+    ref = _losses(tmp_path / "ref" / "run")
+    full = _config(tmp_path / "grow", tok_dir, steps, save_every=100)
+    first = yaml.safe_load(full.read_text())
+    first["stages"] = first["stages"][:1]
+    short = tmp_path / "grow" / "short.yaml"
+    short.write_text(yaml.safe_dump(first))
+    subprocess.run(_train_cmd(short), check=True, capture_output=True)
+    subprocess.run(_train_cmd(full), check=True, capture_output=True)
+    got = _losses(tmp_path / "grow" / "run")
+    assert list(got) == list(ref)
+    assert all(abs(got[k] - ref[k]) < 1e-6 for k in ref), (got, ref)
+
+
 def test_two_process_fsdp_matches_one_process(tmp_path, tok_dir):
     steps = 6
     one = _config(tmp_path / "one", tok_dir, steps, save_every=100)
