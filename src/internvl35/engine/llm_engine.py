@@ -13,7 +13,7 @@ import torch
 
 from internvl35.chat import ChatModel, Prompt
 from internvl35.engine.block_manager import BlockManager
-from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, assemble, image_keys, split_features
+from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, PendingImages
 from internvl35.engine.model_runner import ModelRunner
 from internvl35.engine.paged_cache import PagedKVCache
 from internvl35.engine.scheduler import Scheduler
@@ -70,18 +70,11 @@ class LLMEngine:
         decides per request (its quantile spans the request's tiles), so the request is one unit."""
         if prompt.pixel_values is None:
             return EncodedPrompt(list(prompt.input_ids), None)
-        tiles = prompt.pixel_values.split(prompt.tiles_per_image)
-        keys = image_keys(prompt, flash)
-        got = [self.features.get(k) for k in keys]
-        missing = [i for i, g in enumerate(got) if g is None]
-        if missing:
-            todo = list(range(len(tiles))) if flash is not None else missing
-            pv = torch.cat([tiles[i] for i in todo]).to(self.chat_model.device, self.chat_model.dtype)
-            feats, per_tile = self.model.encode_images(pv, flash)
-            for i, item in zip(todo, split_features(feats, per_tile, [len(tiles[i]) for i in todo])):
-                got[i] = item
-                self.features.put(keys[i], *item)
-        return assemble(prompt, got, keys, flash, self.tokenizer.img_context_id, self.model.cfg.num_image_token)
+        pending = PendingImages.lookup(self.features, prompt, flash)
+        if pending.todo:
+            pv = pending.pixels().to(self.chat_model.device, self.chat_model.dtype)
+            pending.fill(self.features, *self.model.encode_images(pv, flash))
+        return pending.assemble(self.tokenizer.img_context_id, self.model.cfg.num_image_token)
 
     # --- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt | EncodedPrompt, params: SamplingParams,

@@ -80,6 +80,58 @@ def image_keys(prompt: Prompt, flash: tuple[float, float] | None) -> list[bytes]
     return keys
 
 
+@dataclass
+class PendingImages:
+    """A prompt's images after the cache lookup: the features known and the images (`todo`) still
+    to encode. Local encoding (the engine) and remote encoding (vision servers) both go through it."""
+
+    prompt: Prompt
+    flash: tuple[float, float] | None
+    keys: list[bytes]
+    got: list[Features | None]
+    todo: list[int]
+
+    @classmethod
+    def lookup(cls, cache: FeatureCache, prompt: Prompt, flash: tuple[float, float] | None) -> PendingImages:
+        keys = image_keys(prompt, flash)
+        got = [cache.get(k) for k in keys]
+        todo = [i for i, g in enumerate(got) if g is None]
+        if flash is not None and todo:
+            todo = list(range(len(keys)))  # the router decides over the request's tiles together
+        return cls(prompt, flash, keys, got, todo)
+
+    @property
+    def tiles_per_image(self) -> list[int]:
+        return [self.prompt.tiles_per_image[i] for i in self.todo]
+
+    def pixels(self) -> torch.Tensor:
+        """The tiles of the images still to encode [N, 3, S, S]."""
+        tiles = self.prompt.pixel_values.split(self.prompt.tiles_per_image)
+        return torch.cat([tiles[i] for i in self.todo])
+
+    def fill(self, cache: FeatureCache, feats: torch.Tensor, per_tile: list[int]) -> None:
+        """Take the encoder's output for `pixels()` (and remember it in the cache)."""
+        for i, item in zip(self.todo, split_features(feats, per_tile, self.tiles_per_image)):
+            self.got[i] = item
+            cache.put(self.keys[i], *item)
+        self.todo = []
+
+    def assemble(self, image_token_id: int, tile_tokens: int) -> EncodedPrompt:
+        """Token ids (compacted where the router kept 64 tokens), all feature rows, each image's span."""
+        assert not self.todo, "encode the missing images first"
+        ids = self.prompt.input_ids
+        if self.flash is not None:
+            per_tile = [c for _, counts in self.got for c in counts]
+            keep = flash_keep_mask(torch.tensor(ids), image_token_id, per_tile, tile_tokens)
+            ids = torch.tensor(ids)[keep].tolist()
+        slots = [p for p, t in enumerate(ids) if t == image_token_id]
+        spans, k = [], 0
+        for (f, _), key in zip(self.got, self.keys):
+            spans.append(ImageSpan(slots[k], f.shape[0], key))
+            k += f.shape[0]
+        return EncodedPrompt(list(ids), torch.cat([f for f, _ in self.got]), spans)
+
+
 def split_features(feats: torch.Tensor, per_tile: list[int], tiles_per_image: list[int]) -> list[Features]:
     """Features of several images encoded together -> one (rows, tokens per tile) per image."""
     out, t, r = [], 0, 0
@@ -88,19 +140,3 @@ def split_features(feats: torch.Tensor, per_tile: list[int], tiles_per_image: li
         out.append((feats[r:r + sum(counts)], counts))
         t, r = t + n, r + sum(counts)
     return out
-
-
-def assemble(prompt: Prompt, got: list[Features], keys: list[bytes], flash: tuple[float, float] | None,
-             image_token_id: int, tile_tokens: int) -> EncodedPrompt:
-    """Token ids (compacted where the router kept 64 tokens), all feature rows, each image's span."""
-    ids = prompt.input_ids
-    if flash is not None:
-        per_tile = [c for _, counts in got for c in counts]
-        keep = flash_keep_mask(torch.tensor(ids), image_token_id, per_tile, tile_tokens)
-        ids = torch.tensor(ids)[keep].tolist()
-    slots = [p for p, t in enumerate(ids) if t == image_token_id]
-    spans, k = [], 0
-    for (f, _), key in zip(got, keys):
-        spans.append(ImageSpan(slots[k], f.shape[0], key))
-        k += f.shape[0]
-    return EncodedPrompt(list(ids), torch.cat([f for f, _ in got]), spans)

@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from internvl35.chat import Prompt
-from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, assemble, image_keys, split_features
+from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, PendingImages
 from internvl35.errors import InternVLError
 from internvl35.serve.transport import ProtocolError, pack, unpack
 
@@ -85,19 +85,11 @@ class RemoteVision:
         """Features for the prompt's images (cached ones are not sent) -> the engine's input."""
         if prompt.pixel_values is None:
             return EncodedPrompt(list(prompt.input_ids), None)
-        tiles = prompt.pixel_values.split(prompt.tiles_per_image)
-        keys = image_keys(prompt, flash)
-        got = [self.features.get(k) for k in keys]
-        todo = [i for i, g in enumerate(got) if g is None]
-        if flash is not None and todo:
-            todo = list(range(len(tiles)))  # the router decides over the request's tiles together
-        if todo:
-            counts = [len(tiles[i]) for i in todo]
-            feats, per_tile = await self.request(torch.cat([tiles[i] for i in todo]).float(), counts, flash)
-            for i, item in zip(todo, split_features(feats, per_tile, counts)):
-                got[i] = item
-                self.features.put(keys[i], *item)
-        return assemble(prompt, got, keys, flash, self.image_token_id, self.tile_tokens)
+        pending = PendingImages.lookup(self.features, prompt, flash)
+        if pending.todo:
+            pv = pending.pixels().float()
+            pending.fill(self.features, *await self.request(pv, pending.tiles_per_image, flash))
+        return pending.assemble(self.image_token_id, self.tile_tokens)
 
     def _order(self) -> list[_Peer]:
         now = time.monotonic()
