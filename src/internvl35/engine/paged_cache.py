@@ -79,15 +79,19 @@ class PagedKVCache:
         """q [1, H, T, Dh], k/v [1, K, T, Dh] for the step's flat row -> [1, H, T, Dh]."""
         lay = self.layout
         kc, vc = self.k[layer], self.v[layer]
-        kc[lay.slots] = k[0].transpose(0, 1)
-        vc[lay.slots] = v[0].transpose(0, 1)
+        # index_copy_/index_select rather than tensor[index]: several times faster on CPU
+        kc.index_copy_(0, lay.slots, k[0].transpose(0, 1))
+        vc.index_copy_(0, lay.slots, v[0].transpose(0, 1))
         out = torch.empty_like(q)
         for start, end, slots, mask in lay.prefills:
-            keys, values = kc[slots].transpose(0, 1)[None], vc[slots].transpose(0, 1)[None]  # [1, K, ctx, Dh]
+            keys = kc.index_select(0, slots).transpose(0, 1)[None]  # [1, K, ctx, Dh]
+            values = vc.index_select(0, slots).transpose(0, 1)[None]
             out[:, :, start:end] = attention(q[:, :, start:end], keys, values, causal=mask is None, mask=mask)
         if lay.decode_rows is not None:
-            keys = kc[lay.decode_slots].permute(0, 2, 1, 3)  # [B, K, S, Dh]
-            values = vc[lay.decode_slots].permute(0, 2, 1, 3)
+            B, S = lay.decode_slots.shape
+            flat = lay.decode_slots.view(-1)
+            keys = kc.index_select(0, flat).view(B, S, *kc.shape[1:]).permute(0, 2, 1, 3)  # [B, K, S, Dh]
+            values = vc.index_select(0, flat).view(B, S, *vc.shape[1:]).permute(0, 2, 1, 3)
             qd = q[0, :, lay.decode_rows].transpose(0, 1)[:, :, None]  # [B, H, 1, Dh]
             o = attention(qd, keys, values, causal=False, mask=lay.decode_mask)
             out[0, :, lay.decode_rows] = o[:, :, 0].transpose(0, 1)
