@@ -212,3 +212,45 @@ def test_openai_server_over_remote_vision(mini, vision):
         srv.should_exit = down.should_exit = True
         thread.join(timeout=10)
         thread2.join(timeout=10)
+
+
+def test_language_server_keeps_serving_while_vision_is_slow(mini):
+    import uvicorn
+
+    from internvl35.serve.server import create_app
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # a vision server stuck on a long job
+    vport = silent.bind_to_random_port("tcp://127.0.0.1")
+    lang = internvl35.load("mini", part="language")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(lang, name="mini", vision=[f"tcp://127.0.0.1:{vport}"],
+                                                   vision_timeout_s=3.0), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    done = {}
+
+    def image_request():
+        try:
+            client.chat.completions.create(model="mini", max_tokens=4, messages=user(
+                "How many?", data_url(generate("counting", 2**48 + 27).images[0])))
+        except openai.APIStatusError as e:
+            done["image"] = (time.perf_counter(), e.status_code)
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=image_request)
+    th.start()
+    time.sleep(0.3)
+    r = client.chat.completions.create(model="mini", messages=user("What is 2 plus 3?"), max_tokens=4)
+    text_done = time.perf_counter()
+    th.join()
+    srv.should_exit = True
+    thread.join(timeout=10)
+    silent.close(0)
+    ctx.term()
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert text_done - t0 < 2.5 and done["image"][1] == 503 and done["image"][0] - t0 >= 3.0
