@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress
 from rich.table import Table
 
 from internvl35.chat import ChatModel
 from internvl35.data.template import THINKING_SYSTEM
 from internvl35.data.world import EVAL_FAMILIES, Style, generate, is_correct
+from internvl35.engine.llm_engine import LLMEngine
+from internvl35.sampling import SamplingParams
 
 HELD_OUT = 2**48
 
@@ -37,15 +39,28 @@ SUITES: dict[str, list[Task]] = {
 
 def run_suite(model: ChatModel, suite: str, n: int = 100, max_new_tokens: int = 64,
               families: list[str] | None = None, progress: bool = True) -> dict:
+    """Greedy answers through the serving engine (its outputs equal `model.chat`'s token for token,
+    and batching makes a suite several times faster)."""
     tasks = [t for t in SUITES[suite] if families is None or t.family in families]
+    jobs = [(t, generate(t.family, HELD_OUT + i, t.style)) for t in tasks for i in range(n)]
+    engine = LLMEngine(model)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    for k, (t, s) in enumerate(jobs):
+        kw = {"video": s.images} if s.video else {}
+        prompt = model.build_prompt(s.question, [] if s.video else s.images, max_tiles=t.max_tiles,
+                                    system=THINKING_SYSTEM if s.thinking else None, **kw)
+        engine.add_request(str(k), prompt, params)
+    tokens: dict[int, list[int]] = defaultdict(list)
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"eval {suite}", total=len(jobs))
+        while engine.has_unfinished():
+            for o in engine.step():
+                tokens[int(o.request_id)] += [x for x in o.token_ids if x not in engine.stop_ids]
+                bar.advance(task, o.finished)
     results: dict[str, list[bool]] = defaultdict(list)
     examples: dict[str, list[dict]] = defaultdict(list)
-    jobs = [(t, i) for t in tasks for i in range(n)]
-    for t, i in (track(jobs, description=f"eval {suite}") if progress else jobs):
-        s = generate(t.family, HELD_OUT + i, t.style)
-        kw = {"video": s.images} if s.video else {}
-        pred = model.chat(s.question, [] if s.video else s.images, max_new_tokens=max_new_tokens,
-                          max_tiles=t.max_tiles, system=THINKING_SYSTEM if s.thinking else None, **kw)
+    for k, (t, s) in enumerate(jobs):
+        pred = model.tokenizer.decode(tokens[k]).strip()
         ok = is_correct(s, pred)
         results[t.name].append(ok)
         if len(examples[t.name]) < 3:
