@@ -135,8 +135,8 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
             vport = free_port()
             procs.append(launch(["serve-vision", "--model", str(ckpt), "--bind", f"tcp://127.0.0.1:{vport}",
                                  "--threads", "1"], cores[1]))
-            procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m", "--threads",
-                                 "1", "--vision", f"tcp://127.0.0.1:{vport}"], cores[0]))
+            procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
+                                 "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}"], cores[0]))
         extra = FLASH if mode.endswith("router") else {}
         return asyncio.run(load_test(port, urls, conc, tokens, extra))
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 from internvl35.config import CONFIGS
 from internvl35.data.world.render import (COLORS, SHAPES, Style, canvas, draw_shape, draw_text, place_boxes,
