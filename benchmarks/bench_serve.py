@@ -26,7 +26,7 @@ import internvl35
 from internvl35.config import get_config
 from internvl35.data.tokenizer import train_bpe
 from internvl35.data.world import generate as world_sample
-from internvl35.engine.llm_engine import LLMEngine
+from internvl35.engine.llm_engine import EngineConfig, LLMEngine
 from internvl35.models.internvl import InternVLModel
 from internvl35.sampling import SamplingParams
 from internvl35.weights.convert import write_checkpoint
@@ -77,8 +77,8 @@ def summarize(start: dict, first: dict, end: dict, total: float, outs: list[list
             "tpot_s": sum((end[i] - first[i]) / max(len(outs[i]) - 1, 1) for i in end) / n}
 
 
-def run_engine(cm, prompts: list, conc: int, tokens: int, ignore_eos: bool) -> tuple[dict, list]:
-    engine = LLMEngine(cm)
+def run_engine(cm, prompts: list, conc: int, tokens: int, ignore_eos: bool, kv_gb: float) -> tuple[dict, list]:
+    engine = LLMEngine(cm, EngineConfig(kv_cache_bytes=int(kv_gb * 2**30)))
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
     todo = deque(range(len(prompts)))
     start, first, end, outs = {}, {}, {}, {i: [] for i in range(len(prompts))}
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ignore-eos", action="store_true", help="every request generates exactly --max-tokens")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="the engine's KV cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import InternVLForConditionalGeneration
@@ -173,7 +174,7 @@ def main() -> None:
           f"tokens, {limit} output tokens each, {args.threads} threads", flush=True)
     rows = {}
     for c in args.concurrency:
-        ours, ours_out = run_engine(cm, prompts, c, args.max_tokens, args.ignore_eos)
+        ours, ours_out = run_engine(cm, prompts, c, args.max_tokens, args.ignore_eos, args.kv_cache_gb)
         stop = cm.tokenizer.im_end_id
         theirs, hf_out = run_transformers(hf, cm.tokenizer.pad_id, stop, prompts, c, args.max_tokens, args.ignore_eos)
         same = sum(agree(a, b, cm.stop_ids) for a, b in zip(ours_out, hf_out))
