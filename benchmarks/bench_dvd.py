@@ -215,7 +215,7 @@ def report(name: str, st: dict, res: dict) -> dict:
          "dvd_router": res["dvd_router"]["req_s"]}
     lines = {
         "stage_s_per_request": {k: round(val, 5) for k, val in st.items()},
-        "vision_over_llm_prefill": round(v / llm, 3),
+        "vision_over_llm": round(v / llm, 3),  # per request: ViT+projector vs LLM prefill+decode
         "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
         "measured_req_s": {**{k: round(val, 3) for k, val in a.items()},
                            "coupled_2cores": round(res["coupled_2cores"]["req_s"], 3)},
