@@ -12,7 +12,7 @@ ALLOWED = {
     "data": set(),
     "weights": {"models", "data"},
     "train": {"models", "data", "weights", "hardware", "chat", "eval"},
-    "eval": {"models", "data", "weights", "chat", "engine"},
+    "eval": {"models", "data", "weights", "chat", "engine", "sampling"},
     "engine": {"models", "data", "weights", "sampling", "chat", "generate"},
     "serve": {"models", "data", "weights", "engine", "sampling", "chat"},
 }
