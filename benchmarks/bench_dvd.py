@@ -49,7 +49,7 @@ FLASH = {"flash": True, "flash_relative_threshold": 0.5, "flash_absolute_thresho
 def vit_heavy_checkpoint(out: Path) -> Path:
     """Mini's vision tower with a larger LLM: ViT / LLM-prefill time per tile near the 38B's 0.75."""
     cm = internvl35.load("mini")
-    text = replace(MINI_TEXT, hidden_size=512, num_layers=5, num_heads=8, num_kv_heads=4,
+    text = replace(MINI_TEXT, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
                    intermediate_size=1536)
     cfg = replace(get_config("mini"), name="vit-heavy", text=text)
     torch.manual_seed(0)
