@@ -131,3 +131,18 @@ def test_engine_flash_and_moe(tokenizer):
         assert [outs["0"], outs["1"]] == [chat_ids(cm, p, params, flash) for p in prompts]
         if flash:  # the router compressed some tiles: fewer tokens than the uncompressed prompt
             assert len(engine.encode(prompts[0], flash).input_ids) < len(prompts[0].input_ids)
+
+
+def test_identical_requests_finish_and_abort_independently(mini):
+    # requests with the same prompt and image (equal ids, spans and feature values, equal parameters)
+    s = generate("counting", 2**48 + 31)
+    prompt = mini.build_prompt(s.question, s.images)
+    engine = LLMEngine(mini)
+    for rid in "abc":
+        engine.add_request(rid, prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine.step()
+    assert engine.abort("b")
+    finished = []
+    while engine.has_unfinished():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert sorted(finished) == ["a", "c"] and engine.block_manager.num_free == engine.num_blocks

@@ -139,7 +139,8 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.index, [tok], delta, reason is not None, reason,
                              seq.num_prompt_tokens, len(seq.completion_ids))
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    def generate(self, prompts: list[Prompt | EncodedPrompt],
+                 params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion (all submitted at once); -> completion ids without stop tokens."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         for i, (p, sp) in enumerate(zip(prompts, plist)):

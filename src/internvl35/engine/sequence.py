@@ -28,7 +28,7 @@ class ImageSpan:
     digest: bytes
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: the scheduler finds sequences in its queues by `in`
 class Sequence:
     token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
