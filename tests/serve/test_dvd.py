@@ -71,6 +71,7 @@ def test_wire_format_round_trip_and_rejects_malformed():
         "missing field": [msgpack.packb({"v": 1, "type": "encode", "tensors": []})],
         "frame count": [good[0]],
         "size": [good[0], b"\x00" * 3],
+        "id type": [msgpack.packb({"v": 1, "type": "ping", "id": [1, 2], "tensors": []})],
         "dtype": [msgpack.packb({"v": 1, "type": "encode", "id": "x", "tiles_per_image": [1],
                                  "tensors": [{"dtype": "object", "shape": [1]}]}), b"\x00" * 8],
     }

@@ -65,6 +65,8 @@ def unpack(frames: list) -> tuple[dict[str, Any], list[torch.Tensor]]:
     missing = [k for k in _REQUIRED[kind] if k not in header]
     if missing:
         raise ProtocolError(f"{kind} message lacks {missing}")
+    if not isinstance(header.get("id"), (str, type(None))):
+        raise ProtocolError("id must be a string")
     specs = header.get("tensors")
     if not isinstance(specs, list) or len(specs) != len(raw) - 1:
         raise ProtocolError(f"header describes {len(specs) if isinstance(specs, list) else '?'} tensor(s), "

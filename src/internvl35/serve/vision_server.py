@@ -27,6 +27,7 @@ class VisionServer:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_request_tiles * 3 * self.cfg.vision.image_size**2 * 4 + 2**20)
         self.sock.bind(bind)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stats = {"requests": 0, "tiles": 0, "batches": 0, "rejected": 0, "busy_s": 0.0}
