@@ -90,9 +90,8 @@ class LLMEngine:
                              f"{self.num_blocks * self.config.block_size}")
         for i in range(n):
             p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
-            seq = Sequence(list(enc.input_ids), p, list(enc.spans), enc.features, tuple(stop), request_id)
-            seq.index = i
-            self.scheduler.add(seq)
+            self.scheduler.add(Sequence(list(enc.input_ids), p, list(enc.spans), enc.features, tuple(stop),
+                                        request_id, index=i))
         self.stats["prompt_tokens"] += n * len(enc.input_ids)
 
     def abort(self, request_id: str) -> bool:
@@ -132,7 +131,9 @@ class LLMEngine:
             for s in seq.stop:
                 keep = min([keep] + [len(text) - k for k in range(1, len(s)) if text.endswith(s[:k])])
             text = text[:keep]
-        delta, seq.text = text[len(seq.text):], text if len(text) > len(seq.text) else seq.text
+        delta = text[len(seq.text):]
+        if delta:
+            seq.text = text
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.stats["requests_finished"] += 1
