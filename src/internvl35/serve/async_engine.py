@@ -36,6 +36,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self.counters = {"requests_total": 0, "requests_failed": 0, "requests_aborted": 0}
+        self.busy_s = 0.0  # time spent in engine steps: how loaded the language side is
         self._thread = threading.Thread(target=self._loop, name="internvl35-engine", daemon=True)
         self._thread.start()
 
@@ -108,7 +109,9 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                t = time.perf_counter()
                 outputs = self.engine.step()
+                self.busy_s += time.perf_counter() - t
             except Exception as e:  # noqa: BLE001 - fail what is running, keep serving
                 log.exception("engine step failed")
                 for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):

@@ -196,6 +196,7 @@ def prometheus_text(engine: AsyncEngine, vision: RemoteVision | None = None) -> 
                 "internvl35_cached_prompt_tokens_total": e.stats["cached_prompt_tokens"],
                 "internvl35_generation_tokens_total": e.stats["generation_tokens"],
                 "internvl35_engine_steps_total": e.stats["steps"],
+                "internvl35_engine_busy_seconds_total": round(engine.busy_s, 3),
                 "internvl35_preemptions_total": e.scheduler.num_preemptions,
                 "internvl35_vision_cache_hits_total": e.features.hits,
                 "internvl35_vision_cache_misses_total": e.features.misses}
