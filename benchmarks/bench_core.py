@@ -44,6 +44,19 @@ def prefill_flops(cfg, n_text: int) -> float:
     return vit + proj + llm + 2 * t.hidden_size * t.vocab_size
 
 
+def random_model(preset: str) -> tuple[InternVLModel, object]:
+    """A random model of a real size (built on meta, filled with N(0, 0.02)) and a small tokenizer."""
+    tok = train_bpe(["What is in this image? Describe it in detail please."] * 10, 400)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = InternVLModel(get_config(preset))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model, tok
+
+
 def decode_bytes(model: InternVLModel) -> int:
     """Bytes of weights one decode step must read: every LLM matrix except the embedding table."""
     lm = model.language_model
@@ -76,16 +89,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import InternVLForConditionalGeneration
 
-    tok = train_bpe(["What is in this image? Describe it in detail please."] * 10, 400)
     cfg = get_config(args.preset)
     print(f"building random {args.preset}-shaped model ({args.threads} threads) ...", flush=True)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        ours_model = InternVLModel(cfg)
-    ours_model = ours_model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in ours_model.parameters():
-            p.normal_(0, 0.02)
+    ours_model, tok = random_model(args.preset)
     tmp = Path(tempfile.mkdtemp())
     write_checkpoint(ours_model, tok, tmp / "ckpt", "hf", torch.bfloat16)
     del ours_model

@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 import internvl35
-from internvl35.config import get_config
-from internvl35.data.tokenizer import train_bpe
 from internvl35.data.world import generate as world_sample
 from internvl35.engine.llm_engine import EngineConfig, LLMEngine
-from internvl35.models.internvl import InternVLModel
 from internvl35.sampling import SamplingParams
 from internvl35.weights.convert import write_checkpoint
+
+from bench_core import random_model  # noqa: E402 (a sibling script)
 
 
 def checkpoint_dirs(model: str, tmp: Path) -> tuple[Path, Path]:
@@ -38,14 +37,7 @@ def checkpoint_dirs(model: str, tmp: Path) -> tuple[Path, Path]:
         cm = internvl35.load("mini")
         src, m, tok = cm.path, cm.model, cm.tokenizer
     else:  # a random model of a real size
-        tok = train_bpe(["What is in this image? Describe it in detail please."] * 10, 400)
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            m = InternVLModel(get_config(model))
-        m = m.to_empty(device="cpu")
-        with torch.no_grad():
-            for p in m.parameters():
-                p.normal_(0, 0.02)
+        m, tok = random_model(model)
         src = tmp / "ours"
         write_checkpoint(m, tok, src, "hf", torch.bfloat16)
     # transformers' InternVL has no Flash router: leave those weights out of its copy

@@ -19,6 +19,14 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
+def mini():
+    """The embedded mini model (loaded once for the whole run)."""
+    import internvl35
+
+    return internvl35.load("mini")
+
+
+@pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return train_bpe(CORPUS * 4, vocab_size=400)
 

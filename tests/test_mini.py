@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
-import internvl35
 from internvl35.data.world import generate, is_correct
 from internvl35.weights.locate import MINI_DIR
 
@@ -16,11 +14,6 @@ def test_mini_is_embedded_and_small():
     assert (MINI_DIR / "config.json").is_file() and (MINI_DIR / "README.md").is_file()
     size = sum(f.stat().st_size for f in MINI_DIR.iterdir())
     assert size <= 50 * 2**20
-
-
-@pytest.fixture(scope="module")
-def mini():
-    return internvl35.load("mini")
 
 
 def test_default_model_answers_colours_above_chance(mini):

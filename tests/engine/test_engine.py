@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import internvl35
 from internvl35.data.world import generate
 from internvl35.engine.llm_engine import EngineConfig, LLMEngine
 from internvl35.errors import InputError
 from internvl35.generate import generate_stream
 from internvl35.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def mini():
-    return internvl35.load("mini")
 
 
 def chat_ids(cm, prompt, params, flash=None) -> list[int]:

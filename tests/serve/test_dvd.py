@@ -22,12 +22,8 @@ from internvl35.sampling import SamplingParams
 from internvl35.serve.transport import ProtocolError, pack, unpack
 from internvl35.serve.vision_client import RemoteVision, VisionUnavailable
 from internvl35.serve.vision_server import VisionServer
-from tests.serve.test_openai_server import data_url, free_port, user
-
-
-@pytest.fixture(scope="module")
-def mini():
-    return internvl35.load("mini")
+from internvl35.serve.server import create_app
+from tests.serve.test_openai_server import data_url, free_port, serving, user
 
 
 @pytest.fixture(scope="module")
@@ -170,27 +166,11 @@ def test_restarted_server_is_picked_up_again(mini, vision_model):
 
 
 def test_openai_server_over_remote_vision(mini, vision):
-    import uvicorn
-
-    from internvl35.serve.server import create_app
-
     lang = internvl35.load("mini", part="language")
     assert all(p.device.type == "meta" for p in lang.model.vision_model.parameters())
-    port = free_port()
     dead = f"tcp://127.0.0.1:{free_port()}"
-    srv = uvicorn.Server(uvicorn.Config(create_app(lang, name="mini", vision=[vision.endpoint]),
-                                        host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    down = uvicorn.Server(uvicorn.Config(create_app(lang, name="mini", vision=[dead], vision_timeout_s=0.5),
-                                         host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread2 = threading.Thread(target=down.run, daemon=True)
-    thread2.start()
-    while not down.started:
-        time.sleep(0.05)
-    try:
+    with serving(create_app(lang, name="mini", vision=[vision.endpoint])) as port, \
+            serving(create_app(lang, name="mini", vision=[dead], vision_timeout_s=0.5)) as down_port:
         s = generate("counting", 2**48 + 26)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
@@ -203,54 +183,38 @@ def test_openai_server_over_remote_vision(mini, vision):
         enc = EncodedPrompt(enc.input_ids, feats.to(torch.bfloat16), enc.spans)
         want = mini.tokenizer.decode(LLMEngine(mini).generate([enc], SamplingParams(max_new_tokens=8))[0])
         assert r.choices[0].message.content == want.strip()
-        bad = openai.OpenAI(base_url=f"http://127.0.0.1:{down.config.port}/v1", api_key="none", max_retries=0)
+        bad = openai.OpenAI(base_url=f"http://127.0.0.1:{down_port}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
             bad.chat.completions.create(model="mini", messages=user("hi", data_url(s.images[0])), max_tokens=4)
         assert e.value.status_code == 503 and "vision server" in e.value.message
         text_only = bad.chat.completions.create(model="mini", messages=user("What is 2 plus 3?"), max_tokens=4)
         assert text_only.choices[0].finish_reason in ("stop", "length")  # unaffected by the vision outage
-    finally:
-        srv.should_exit = down.should_exit = True
-        thread.join(timeout=10)
-        thread2.join(timeout=10)
 
 
 def test_language_server_keeps_serving_while_vision_is_slow(mini):
-    import uvicorn
-
-    from internvl35.serve.server import create_app
-
     ctx = zmq.Context()
     silent = ctx.socket(zmq.ROUTER)  # a vision server stuck on a long job
     vport = silent.bind_to_random_port("tcp://127.0.0.1")
     lang = internvl35.load("mini", part="language")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(lang, name="mini", vision=[f"tcp://127.0.0.1:{vport}"],
-                                                   vision_timeout_s=3.0), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    done = {}
+    app = create_app(lang, name="mini", vision=[f"tcp://127.0.0.1:{vport}"], vision_timeout_s=3.0)
+    with serving(app) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        done = {}
 
-    def image_request():
-        try:
-            client.chat.completions.create(model="mini", max_tokens=4, messages=user(
-                "How many?", data_url(generate("counting", 2**48 + 27).images[0])))
-        except openai.APIStatusError as e:
-            done["image"] = (time.perf_counter(), e.status_code)
+        def image_request():
+            try:
+                client.chat.completions.create(model="mini", max_tokens=4, messages=user(
+                    "How many?", data_url(generate("counting", 2**48 + 27).images[0])))
+            except openai.APIStatusError as e:
+                done["image"] = (time.perf_counter(), e.status_code)
 
-    t0 = time.perf_counter()
-    th = threading.Thread(target=image_request)
-    th.start()
-    time.sleep(0.3)
-    r = client.chat.completions.create(model="mini", messages=user("What is 2 plus 3?"), max_tokens=4)
-    text_done = time.perf_counter()
-    th.join()
-    srv.should_exit = True
-    thread.join(timeout=10)
+        t0 = time.perf_counter()
+        th = threading.Thread(target=image_request)
+        th.start()
+        time.sleep(0.3)
+        r = client.chat.completions.create(model="mini", messages=user("What is 2 plus 3?"), max_tokens=4)
+        text_done = time.perf_counter()
+        th.join()
     silent.close(0)
     ctx.term()
     assert r.choices[0].finish_reason in ("stop", "length")

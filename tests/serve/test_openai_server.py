@@ -11,13 +11,13 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import openai
 import pytest
 import uvicorn
 from PIL import Image
 
-import internvl35
 from internvl35.data.world import generate
 from internvl35.serve.media import MediaLimits
 from internvl35.serve.openai_api import ServerLimits
@@ -40,9 +40,22 @@ def data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
 
 
-@pytest.fixture(scope="module")
-def mini():
-    return internvl35.load("mini")
+@contextmanager
+def serving(app):
+    """Run `app` with uvicorn on a free loopback port in a thread; yields the port."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +63,8 @@ def server(mini, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     limits = ServerLimits(max_images=3, media=MediaLimits(max_pixels=1_000_000, local_dir=media,
                                                           fetch_timeout_s=2.0))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(mini, limits=limits, name="mini"), host="127.0.0.1",
-                                        port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield {"port": port, "media": media, "base": f"http://127.0.0.1:{port}/v1"}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(mini, limits=limits, name="mini")) as port:
+        yield {"port": port, "media": media, "base": f"http://127.0.0.1:{port}/v1"}
 
 
 @pytest.fixture(scope="module")

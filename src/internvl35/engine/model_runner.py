@@ -35,8 +35,9 @@ class ModelRunner:
             positions += range(start, end)
             inside = [False] * n
             for s in seq.images:
-                for p in range(max(start, s.start), min(end, s.start + s.length)):
-                    inside[p - start] = True
+                lo, hi = max(start, s.start) - start, min(end, s.start + s.length) - start
+                if hi > lo:
+                    inside[lo:hi] = [True] * (hi - lo)
             image_slots += inside
             if seq.features is not None:
                 a, b = seq.feature_rows(start, end)
