@@ -8,11 +8,13 @@ measured side by side in one run with real servers and a real HTTP client:
   (b) equal hardware: coupled on both cores vs the same 1 + 1 split
 
 Per-stage times (preprocessing, vision, LLM, transfer) are measured in-process on one thread and
-give the ideal pipeline bound 1 / max(stage time per core) that each mode is compared with.
+give the ideal pipeline bound 1 / max(stage time per core) that each mode is compared with. In DvD
+the language server only reads each image's header (`probe`) and sends the file; decoding and tiling
+(`preprocess`) run on the vision server.
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
-    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8]
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 4]
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def vit_heavy_checkpoint(out: Path) -> Path:
 
 
 def images(n: int) -> list[str]:
-    """n distinct 336x224 scenes (6 tiles + thumbnail at 112 px) as data URLs."""
+    """n distinct 336x224 scenes as data URLs (at 224 px tiles and --max-tiles 4: 2 tiles + thumbnail)."""
     import random
 
     urls = []
@@ -125,7 +127,7 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
     return {"req_s": len(latencies) / total, "latency_s": sum(latencies) / len(latencies)}
 
 
-def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens) -> dict:
+def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles) -> dict:
     port, procs = free_port(), []
     try:
         if mode == "coupled":
@@ -137,7 +139,7 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
                                  "--threads", "1"], cores[1]))
             procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
                                  "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}"], cores[0]))
-        extra = FLASH if mode.endswith("router") else {}
+        extra = {**(FLASH if mode.endswith("router") else {}), "max_tiles": max_tiles}
         return asyncio.run(load_test(port, urls, conc, tokens, extra))
     finally:
         for p in procs:
@@ -145,17 +147,23 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
             p.wait(timeout=30)
 
 
-def stage_times(ckpt: Path, urls: list[str], conc: int, tokens: int) -> dict:
+def stage_times(ckpt: Path, urls: list[str], conc: int, tokens: int, max_tiles: int) -> dict:
     """Seconds per request of each stage on one thread (+ transfer), with and without the router."""
-    from internvl35.serve.media import MediaLimits, fetch_image
+    from internvl35.serve.media import MediaLimits, fetch_encoded, fetch_image
 
     torch.set_num_threads(1)
     cm = internvl35.load(ckpt)
     urls = urls[:16]
     t = time.perf_counter()
-    prompts = [cm.build_prompt("Describe the image.", [fetch_image(u, MediaLimits())]) for u in urls]
+    files = [fetch_encoded(u, MediaLimits()) for u in urls]
+    for f in files:
+        cm.build_prompt("Describe the image.", [f], max_tiles=max_tiles, decode_images=False)
+    probe = (time.perf_counter() - t) / len(urls)
+    t = time.perf_counter()
+    prompts = [cm.build_prompt("Describe the image.", [fetch_image(u, MediaLimits())], max_tiles=max_tiles)
+               for u in urls]
     pre = (time.perf_counter() - t) / len(urls)
-    out = {"preprocess": pre}
+    out = {"probe": probe, "preprocess": pre}
     for name, flash in (("", None), ("_router", (0.5, 0.0))):
         engine = LLMEngine(cm)
         t = time.perf_counter()
@@ -169,12 +177,15 @@ def stage_times(ckpt: Path, urls: list[str], conc: int, tokens: int) -> dict:
             engine.generate(encoded[b:b + conc], params)
         out[f"llm{name}"] = (time.perf_counter() - t) / len(urls)
         out[f"visual_tokens{name}"] = sum(e.features.shape[0] for e in encoded) / len(urls)
-    out["transfer"] = transfer_time([(p.pixel_values, e.features.to(torch.bfloat16)) for p, e in zip(prompts, encoded)])
+    payloads = [(torch.frombuffer(bytearray(f.data), dtype=torch.uint8), e.features.to(torch.bfloat16))
+                for f, e in zip(files, encoded)]
+    out["transfer"] = transfer_time(payloads)
+    out["transfer_bytes"] = sum(a.numel() + b.numel() * 2 for a, b in payloads) / len(payloads)
     return out
 
 
 def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Seconds per request to move the tiles out and the features back over ZeroMQ on loopback
+    """Seconds per request to move the image file out and the features back over ZeroMQ on loopback
     (an echo peer on its own thread answers each request with a features-sized message)."""
     import threading
 
@@ -195,8 +206,9 @@ def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     th = threading.Thread(target=echo)
     th.start()
     t = time.perf_counter()
-    for pv, _ in payloads:
-        dealer.send_multipart(pack({"type": "encode", "id": "x", "tiles_per_image": [pv.shape[0]]}, [pv]), copy=False)
+    for data, _ in payloads:
+        dealer.send_multipart(pack({"type": "encode_files", "id": "x", "tiles_per_image": [1], "max_tiles": 1},
+                                   [data]), copy=False)
         unpack(dealer.recv_multipart(copy=False))
     took = (time.perf_counter() - t) / len(payloads)
     th.join()
@@ -208,14 +220,16 @@ def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 def report(name: str, st: dict, res: dict) -> dict:
     pre, v, llm, vr, llmr = st["preprocess"], st["vision"], st["llm"], st["vision_router"], st["llm_router"]
-    x = st["transfer"]
-    ideal = {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(v + x, pre + llm + x),
-             "dvd_router": 1 / max(vr + x, pre + llmr + x)}
+    x, probe = st["transfer"], st["probe"]
+    # DvD: the vision core decodes, tiles and encodes; the language core probes, prefills and decodes
+    ideal = {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(pre + v + x, probe + llm + x),
+             "dvd_router": 1 / max(pre + vr + x, probe + llmr + x)}
     a = {"coupled_1core": res["coupled_1core"]["req_s"], "dvd": res["dvd"]["req_s"],
          "dvd_router": res["dvd_router"]["req_s"]}
     lines = {
         "stage_s_per_request": {k: round(val, 5) for k, val in st.items()},
-        "vision_over_llm": round(v / llm, 3),  # per request: ViT+projector vs LLM prefill+decode
+        "vision_over_llm": round(v / llm, 3),
+        "vision_core_over_language_core": round((pre + v) / (probe + llm), 3),  # per request: ViT+projector vs LLM prefill+decode
         "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
         "measured_req_s": {**{k: round(val, 3) for k, val in a.items()},
                            "coupled_2cores": round(res["coupled_2cores"]["req_s"], 3)},
@@ -237,6 +251,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-tiles", type=int, default=4)
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 CPU cores")
@@ -246,8 +261,9 @@ def main() -> None:
     out = {}
     for name in args.models:
         ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
-        st = stage_times(ckpt, urls, args.concurrency, args.max_tokens)
-        run = lambda mode, cores: run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens)  # noqa: E731
+        st = stage_times(ckpt, urls, args.concurrency, args.max_tokens, args.max_tiles)
+        run = lambda mode, cores: run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens,  # noqa: E731
+                                           args.max_tiles)
         res = {"coupled_1core": run("coupled", ({c0}, {c0})),
                "coupled_2cores": run("coupled", ({c0, c1}, {c0, c1})),
                "dvd": run("dvd", ({c0}, {c1})),

@@ -6,14 +6,15 @@ it renders the template, tiles images, expands <IMG_CONTEXT>, applies Flash comp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from internvl35.config import ModelConfig
-from internvl35.data.image import ImageLike, preprocess_image, tiles_to_tensor
+from internvl35.data.image import EncodedImage, ImageLike, num_tiles, preprocess_image, tiles_to_tensor
 from internvl35.data.template import THINKING_SYSTEM, attach_images, expand_image_tokens, get_template
 from internvl35.data.tokenizer import Tokenizer
 from internvl35.data.video import load_frames
@@ -35,6 +36,9 @@ class Prompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None
     tiles_per_image: list[int]
+    # Images left in their file format for a vision server to decode and tile (pixel_values is None).
+    deferred: list[EncodedImage] = field(default_factory=list)
+    max_tiles: int = 0  # the tile limit `deferred` images are counted (and must be tiled) with
 
 
 class ChatModel:
@@ -64,34 +68,57 @@ class ChatModel:
         return self.model(input_ids.to(self.device), pixel_values, **kw)
 
     # --- prompt building -----------------------------------------------------------------------
+    def tile_limit(self, max_tiles: int | None = None) -> int:
+        return (max_tiles or self.cfg.max_dynamic_patch) if self.cfg.dynamic_image_size else 1
+
     def image_tiles(self, images: list[ImageLike], max_tiles: int | None = None) -> list[torch.Tensor]:
-        n = max_tiles or self.cfg.max_dynamic_patch
-        return [preprocess_image(im, self.cfg.vision.image_size, n, self.cfg.use_thumbnail,
-                                 self.cfg.dynamic_image_size) for im in images]
+        return [preprocess_image(im, self.cfg.vision.image_size, self.tile_limit(max_tiles), self.cfg.use_thumbnail)
+                for im in images]
+
+    def count_tiles(self, image: EncodedImage, max_tiles: int | None = None) -> int:
+        """Tiles of an undecoded image, exactly as `image_tiles` would make them."""
+        return num_tiles(image.width, image.height, self.cfg.vision.image_size, self.tile_limit(max_tiles),
+                         self.cfg.use_thumbnail)
 
     def build_prompt(self, question: str, images: list[ImageLike] = (), video: str | Path | list | None = None,
                      history: list[tuple[str, str]] = (), thinking: bool = False, system: str | None = None,
-                     max_tiles: int | None = None, num_frames: int = 8) -> Prompt:
+                     max_tiles: int | None = None, num_frames: int = 8, decode_images: bool = True) -> Prompt:
         """Render the template with images or video frames; `<image>` placeholders in the history
-        and question take the images in order (prepended to the question when there are none)."""
+        and question take the images in order (prepended to the question when there are none).
+        `decode_images=False` leaves `EncodedImage`s undecoded (`Prompt.deferred`) for a vision server."""
         if images and video is not None:
             raise InputError("give images or a video, not both")
         S = self.cfg.vision.image_size
+        deferred: list[EncodedImage] = []
         if video is not None:
             frames = load_frames(video, num_frames)
             tiles = [tiles_to_tensor([f], S) for f in frames]
+        elif not decode_images and images:
+            if not all(isinstance(im, EncodedImage) for im in images):
+                raise TypeError("decode_images=False takes EncodedImage images only")
+            deferred = list(images)
+            tiles = []
         else:
             tiles = self.image_tiles(list(images), max_tiles)
+        counts = [self.count_tiles(im, max_tiles) for im in deferred] or [t.shape[0] for t in tiles]
         try:
-            question = attach_images(question, list(history), len(tiles), video is not None)
+            question = attach_images(question, list(history), len(counts), video is not None)
         except ValueError as e:
             raise InputError(str(e)) from None
         if system is None:
             system = THINKING_SYSTEM if thinking else self.cfg.system_message
         text = self.template.render(question, list(history), system)
-        text = expand_image_tokens(text, [t.shape[0] for t in tiles], self.cfg.num_image_token)
+        text = expand_image_tokens(text, counts, self.cfg.num_image_token)
         pixel_values = torch.cat(tiles) if tiles else None
-        return Prompt(question, text, self.tokenizer.encode(text), pixel_values, [t.shape[0] for t in tiles])
+        return Prompt(question, text, self.tokenizer.encode(text), pixel_values, counts, deferred,
+                      self.tile_limit(max_tiles))
+
+    def decoded(self, prompt: Prompt) -> Prompt:
+        """The prompt with its deferred images decoded and tiled here (same ids, same tiles)."""
+        if not prompt.deferred:
+            return prompt
+        tiles = self.image_tiles(prompt.deferred, prompt.max_tiles)
+        return dataclasses.replace(prompt, pixel_values=torch.cat(tiles), deferred=[])
 
     def flash_settings(self, flash: bool | None, relative: float | None, absolute: float | None
                ) -> tuple[float, float] | None:
@@ -108,6 +135,7 @@ class ChatModel:
     def encode(self, prompt: Prompt, flash: tuple[float, float] | None = None
                ) -> tuple[list[int], torch.Tensor | None]:
         """Run the vision side: -> (possibly Flash-compacted ids, image features [M, D])."""
+        prompt = self.decoded(prompt)
         if prompt.pixel_values is None:
             return prompt.input_ids, None
         pv = prompt.pixel_values.to(self.device, self.dtype)

@@ -2,7 +2,7 @@ import pytest
 from PIL import Image
 
 from internvl35 import dynamic_preprocess
-from internvl35.data.image import closest_grid, load_image, target_grids, tiles_to_tensor
+from internvl35.data.image import closest_grid, load_image, num_tiles, target_grids, tiles_to_tensor
 from internvl35.errors import InputError
 
 
@@ -51,3 +51,14 @@ def test_bad_images(tmp_path):
     data = (tmp_path / "big.png").read_bytes()
     with pytest.raises(InputError):
         load_image(data[: len(data) // 2])
+
+
+def test_tile_count_without_decoding_matches_the_tiler():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(60):
+        w, h, n = rng.randint(20, 3000), rng.randint(20, 3000), rng.randint(1, 12)
+        thumb = rng.random() < 0.8
+        tiles = dynamic_preprocess(Image.new("RGB", (w, h)), 1, n, 28, thumb)
+        assert num_tiles(w, h, 28, n, thumb) == len(tiles), (w, h, n, thumb)

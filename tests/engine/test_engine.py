@@ -3,6 +3,8 @@ with prefix and feature caching, under KV pressure (preemption), with Flash and 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -62,7 +64,8 @@ def random_chat_model(name: str, tokenizer):
     from tests.conftest import randomize_
 
     torch.manual_seed(0)
-    model = InternVLModel(get_config(name)).eval()
+    cfg = get_config(name)  # 112 px tiles (16 tokens each) keep the prompts short
+    model = InternVLModel(replace(cfg, vision=replace(cfg.vision, image_size=112))).eval()
     randomize_(model)
     return ChatModel(model, tokenizer)
 

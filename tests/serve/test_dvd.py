@@ -5,6 +5,8 @@ server in front of remote vision."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import threading
 import time
 
@@ -13,8 +15,11 @@ import openai
 import pytest
 import torch
 import zmq
+from PIL import Image
 
 import internvl35
+from internvl35.data.image import EncodedImage
+from internvl35.errors import InputError
 from internvl35.data.world import generate
 from internvl35.engine.llm_engine import LLMEngine
 from internvl35.engine.mm_cache import EncodedPrompt
@@ -23,7 +28,7 @@ from internvl35.serve.transport import ProtocolError, pack, unpack
 from internvl35.serve.vision_client import RemoteVision, VisionUnavailable
 from internvl35.serve.vision_server import VisionServer
 from internvl35.serve.server import create_app
-from tests.serve.test_openai_server import data_url, free_port, serving, user
+from tests.serve.test_openai_server import data_url, free_port, png_bytes, serving, user
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,44 @@ def test_remote_features_bit_identical_to_local_bf16(mini, vision):
     client.close()
 
 
+def test_files_are_tiled_by_the_vision_server_with_identical_features(mini, vision):
+    # the language side sends the PNG and only counts tiles; the vision server decodes and tiles it
+    s = generate("hires", 2**48 + 28)
+    png = png_bytes(s.images[0])
+    files = [EncodedImage.probe(png), EncodedImage.probe(png_bytes(generate("attributes", 2**48 + 29).images[0]))]
+    client = client_for(mini, [vision.endpoint])
+    for flash in (None, (0.5, 0.0)):
+        deferred = mini.build_prompt(s.question, files, decode_images=False)
+        decoded = mini.build_prompt(s.question, [Image.open(io.BytesIO(f.data)) for f in files])
+        assert deferred.pixel_values is None and deferred.input_ids == decoded.input_ids
+        assert deferred.tiles_per_image == decoded.tiles_per_image and sum(decoded.tiles_per_image) > 2
+        enc = asyncio.run(client.encode(deferred, flash))
+        local = LLMEngine(mini).encode(decoded, flash)
+        assert enc.input_ids == local.input_ids
+        assert torch.equal(enc.features.view(torch.int16), local.features.to(torch.bfloat16).view(torch.int16))
+        assert LLMEngine(mini).encode(deferred, flash).input_ids == local.input_ids  # decoded locally too
+        if flash is None:  # the wire carried the files and the features, not float32 tiles
+            assert client.stats["transfer_bytes"] == sum(len(f.data) for f in files) + enc.features.numel() * 2
+            assert sum(len(f.data) for f in files) < decoded.pixel_values.numel() * 4 / 2
+    client.close()
+
+
+def test_undecodable_file_is_the_clients_error_not_a_server_fault(mini, vision):
+    good = png_bytes(generate("attributes", 2**48 + 30).images[0])
+    truncated = EncodedImage.probe(good[: len(good) // 2])  # the header still reads: only decoding fails
+    client = client_for(mini, [vision.endpoint])
+    with pytest.raises(InputError, match="cannot decode"):
+        asyncio.run(client.encode(mini.build_prompt("Q", [truncated], decode_images=False)))
+    assert client.stats["retries"] == 0 and client.peers[0].down_until == 0.0
+    prompt = mini.build_prompt("Q", [EncodedImage.probe(good)], decode_images=False)
+    assert asyncio.run(client.encode(prompt)).features is not None
+    with pytest.raises(InputError, match="pixels"):
+        EncodedImage.probe(good, max_pixels=100)
+    with pytest.raises(InputError, match="cannot decode"):
+        EncodedImage.probe(b"not an image")
+    client.close()
+
+
 def test_flash_router_runs_remotely_and_only_kept_tokens_travel(mini, vision):
     s = generate("hires", 2**48 + 22)
     prompt = mini.build_prompt(s.question, s.images)
@@ -150,13 +193,14 @@ def test_restarted_server_is_picked_up_again(mini, vision_model):
 
     async def scenario():
         first = Running(vision_model, endpoint)
-        ok = await client.request(prompt.pixel_values, prompt.tiles_per_image, None)
+        header = {"type": "encode", "tiles_per_image": prompt.tiles_per_image, "flash": None}
+        ok = await client.request(header, [prompt.pixel_values])
         first.stop()
         with pytest.raises(VisionUnavailable, match="could encode"):
-            await client.request(prompt.pixel_values, prompt.tiles_per_image, None)
+            await client.request(header, [prompt.pixel_values])
         second = Running(vision_model, endpoint)
         await asyncio.sleep(0.5)  # reconnect and let the down mark expire
-        again = await client.request(prompt.pixel_values, prompt.tiles_per_image, None)
+        again = await client.request(header, [prompt.pixel_values])
         second.stop()
         return ok, again
 
@@ -189,6 +233,13 @@ def test_openai_server_over_remote_vision(mini, vision):
         assert e.value.status_code == 503 and "vision server" in e.value.message
         text_only = bad.chat.completions.create(model="mini", messages=user("What is 2 plus 3?"), max_tokens=4)
         assert text_only.choices[0].finish_reason in ("stop", "length")  # unaffected by the vision outage
+        png = png_bytes(s.images[0])
+        broken = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
+        with pytest.raises(openai.BadRequestError, match="cannot decode"):
+            client.chat.completions.create(model="mini", messages=user(s.question, broken), max_tokens=4)
+        again = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
+                                               max_tokens=8)
+        assert again.choices[0].message.content == want.strip()
 
 
 def test_language_server_keeps_serving_while_vision_is_slow(mini):

@@ -20,10 +20,11 @@ from internvl35.data.template import get_template
 from internvl35.train.losses import square_weights
 
 FAST_MODEL = "mini"
+FAST_OVERRIDES = {"vision": {"image_size": 112}}  # 16 tokens per tile: the loop, not the recipe, is tested
 
 
 def _config(tmp: Path, tokenizer_dir: Path, steps: int, **extra) -> Path:
-    cfg = {"out_dir": str(tmp / "run"), "model": FAST_MODEL, "tokenizer": str(tokenizer_dir), "max_tokens": 512,
+    cfg = {"out_dir": str(tmp / "run"), "model": FAST_MODEL, "model_overrides": FAST_OVERRIDES, "tokenizer": str(tokenizer_dir), "max_tokens": 512,
            "grad_accum": 2, "save_every": 5, "threads": 1,
            "stages": [{"name": "a", "steps": 4, "lr": 2e-3, "warmup_steps": 1,
                        "data": [{"source": "world", "families": {"attributes": 1}}]},
@@ -62,6 +63,16 @@ def test_response_only_labels(tokenizer):
     trained = [i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE]
     assert tokenizer.decode(trained, skip_special_tokens=False) == "red<|im_end|>"
     assert tokenizer.decode(ex.input_ids, skip_special_tokens=False).endswith("assistant\nred<|im_end|>\n")
+
+
+def test_model_overrides_change_nested_preset_fields():
+    from internvl35.config import get_config
+    from internvl35.train.loop import override
+
+    base = get_config("mini")
+    cfg = override(base, {"vision": {"image_size": 112}, "text": {"vocab_size": 300}, "max_dynamic_patch": 2})
+    assert (cfg.vision.image_size, cfg.text.vocab_size, cfg.max_dynamic_patch) == (112, 300, 2)
+    assert cfg.vision.hidden_size == base.vision.hidden_size and cfg.num_image_token == 16
 
 
 def test_square_weights():

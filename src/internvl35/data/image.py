@@ -8,6 +8,7 @@ thumbnail; `tiles_to_tensor` applies the ImageNet normalisation.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 64_000_000  # decompression-bomb guard: refuse larger images before decoding
 
-ImageLike = Image.Image | str | Path | bytes
+
+@dataclass(frozen=True, eq=False)
+class EncodedImage:
+    """An image still in its file format (PNG, JPEG, ...): its size is read from the header, its pixels
+    are not decoded. Decoupled serving sends these bytes to a vision server, which decodes and tiles
+    them; the language side needs only the size to know how many tiles (and tokens) the image becomes."""
+
+    data: bytes
+    width: int
+    height: int
+
+    @classmethod
+    def probe(cls, data: bytes, max_pixels: int = MAX_PIXELS) -> EncodedImage:
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                w, h = img.size
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+            raise InputError(f"cannot decode image data as an image: {e}") from None
+        if w * h > max_pixels:
+            raise InputError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
+        return cls(data, w, h)
+
+
+ImageLike = Image.Image | str | Path | bytes | EncodedImage
 
 
 def load_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """A path, raw bytes or PIL image -> RGB PIL image; a clear InputError on anything unusable."""
     if isinstance(src, Image.Image):
         return src.convert("RGB")
+    if isinstance(src, EncodedImage):
+        src = src.data
     try:
         if isinstance(src, bytes):
             img = Image.open(io.BytesIO(src))
@@ -63,6 +89,13 @@ def closest_grid(width: int, height: int, grids: list[tuple[int, int]], image_si
         elif diff == best_diff and width * height > 0.5 * image_size * image_size * i * j:
             best = (i, j)
     return best
+
+
+def num_tiles(width: int, height: int, image_size: int, max_num: int = 12, use_thumbnail: bool = True,
+              min_num: int = 1) -> int:
+    """How many tiles `dynamic_preprocess` makes of a width x height image (without decoding it)."""
+    cols, rows = closest_grid(width, height, target_grids(min_num, max_num), image_size)
+    return cols * rows + (use_thumbnail and cols * rows != 1)
 
 
 def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448,

@@ -13,6 +13,7 @@ import torch
 
 from internvl35.chat import ChatModel, Prompt
 from internvl35.engine.block_manager import BlockManager
+from internvl35.engine.detokenizer import IncrementalDecoder
 from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, PendingImages
 from internvl35.engine.model_runner import ModelRunner
 from internvl35.engine.paged_cache import PagedKVCache
@@ -68,6 +69,7 @@ class LLMEngine:
     def encode(self, prompt: Prompt, flash: tuple[float, float] | None = None) -> EncodedPrompt:
         """Image features for a prompt, from the feature cache where possible; with Flash the router
         decides per request (its quantile spans the request's tiles), so the request is one unit."""
+        prompt = self.chat_model.decoded(prompt)
         if prompt.pixel_values is None:
             return EncodedPrompt(list(prompt.input_ids), None)
         pending = PendingImages.lookup(self.features, prompt, flash)
@@ -119,15 +121,20 @@ class LLMEngine:
         reason = None
         if tok in self.stop_ids and not seq.params.ignore_eos:
             reason = "stop"
-        text = self.tokenizer.decode([t for t in seq.completion_ids if t not in self.stop_ids])
-        for s in seq.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
+        if seq.decoder is None:
+            seq.decoder = IncrementalDecoder(self.tokenizer)
+        before = len(seq.decoder.text)
+        if tok not in self.stop_ids:
+            seq.decoder.add(tok)
         if reason is None and (len(seq.completion_ids) >= seq.params.max_new_tokens or len(seq) >= self.max_len):
             reason = "length"
-        if reason is None:  # hold back a partial character and anything that may begin a stop string
-            keep = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        text = seq.decoder.flush() if reason is not None else seq.decoder.text
+        for s in seq.stop:  # only text added this step can complete a stop string
+            cut = text.find(s, max(0, before - len(s) + 1))
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None:  # hold back anything that may begin a stop string
+            keep = len(text)
             for s in seq.stop:
                 keep = min([keep] + [len(text) - k for k in range(1, len(s)) if text.endswith(s[:k])])
             text = text[:keep]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from internvl35.chat import Prompt
+from internvl35.data.image import EncodedImage
 from internvl35.engine.sequence import ImageSpan
 from internvl35.models.internvl import flash_keep_mask
 
@@ -70,12 +71,23 @@ class FeatureCache:
         self.bytes += size
 
 
+def file_digest(image: EncodedImage, max_tiles: int, flash: tuple[float, float] | None = None) -> bytes:
+    """Content hash of an undecoded image (+ what decides its tiles and tokens)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(("file", max_tiles, flash)).encode())
+    h.update(image.data)
+    return h.digest()
+
+
 def image_keys(prompt: Prompt, flash: tuple[float, float] | None) -> list[bytes]:
     """One cache key per image; with Flash an image's tokens depend on the whole request's tiles
     (the router's quantile), so its key includes the request's digest."""
-    keys = [image_digest(t, flash) for t in prompt.pixel_values.split(prompt.tiles_per_image)]
+    if prompt.deferred:
+        keys = [file_digest(im, prompt.max_tiles, flash) for im in prompt.deferred]
+    else:
+        keys = [image_digest(t, flash) for t in prompt.pixel_values.split(prompt.tiles_per_image)]
     if flash is not None:
-        whole = image_digest(prompt.pixel_values, flash)
+        whole = hashlib.blake2b(b"".join(keys), digest_size=16).digest()
         keys = [whole + k for k in keys]
     return keys
 
@@ -108,6 +120,10 @@ class PendingImages:
         """The tiles of the images still to encode [N, 3, S, S]."""
         tiles = self.prompt.pixel_values.split(self.prompt.tiles_per_image)
         return torch.cat([tiles[i] for i in self.todo])
+
+    def files(self) -> list[EncodedImage]:
+        """The undecoded images still to encode (a prompt built with `decode_images=False`)."""
+        return [self.prompt.deferred[i] for i in self.todo]
 
     def fill(self, cache: FeatureCache, feats: torch.Tensor, per_tile: list[int]) -> None:
         """Take the encoder's output for `pixels()` (and remember it in the cache)."""

@@ -8,6 +8,7 @@ from itertools import count
 
 import torch
 
+from internvl35.engine.detokenizer import IncrementalDecoder
 from internvl35.sampling import SamplingParams
 
 _ids = count()
@@ -45,7 +46,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    text: str = ""  # decoded completion so far (stop strings cut it)
+    text: str = ""  # completion text sent so far (stop strings cut it)
+    decoder: IncrementalDecoder | None = None
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:

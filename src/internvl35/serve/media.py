@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from internvl35.data.image import load_image
+from internvl35.data.image import EncodedImage, load_image
 from internvl35.errors import InputError
 
 
@@ -28,15 +28,23 @@ class MediaLimits:
 
 def fetch_image(url: str, limits: MediaLimits) -> Image.Image:
     """One image_url -> RGB image; InputError saying what to fix otherwise."""
+    return load_image(fetch_bytes(url, limits), limits.max_pixels)
+
+
+def fetch_encoded(url: str, limits: MediaLimits) -> EncodedImage:
+    """One image_url -> the undecoded file with its size (checked against the pixel cap)."""
+    return EncodedImage.probe(fetch_bytes(url, limits), limits.max_pixels)
+
+
+def fetch_bytes(url: str, limits: MediaLimits) -> bytes:
+    """One image_url -> the file's bytes (size-capped)."""
     if url.startswith("data:"):
-        data = _data_url(url, limits)
-    elif url.startswith(("http://", "https://")):
-        data = _http(url, limits)
-    elif url.startswith("file://") or url.startswith("/"):
-        data = _local(url, limits)
-    else:
-        raise InputError(f"unsupported image_url {url[:40]!r}: use a data: URL, http(s):// or file://")
-    return load_image(data, limits.max_pixels)
+        return _data_url(url, limits)
+    if url.startswith(("http://", "https://")):
+        return _http(url, limits)
+    if url.startswith("file://") or url.startswith("/"):
+        return _local(url, limits)
+    raise InputError(f"unsupported image_url {url[:40]!r}: use a data: URL, http(s):// or file://")
 
 
 def _data_url(url: str, limits: MediaLimits) -> bytes:

@@ -19,7 +19,7 @@ from internvl35.chat import ChatModel, Prompt
 from internvl35.errors import InputError
 from internvl35.sampling import SamplingParams
 from internvl35.serve.async_engine import AsyncEngine
-from internvl35.serve.media import MediaLimits, fetch_image
+from internvl35.serve.media import MediaLimits, fetch_encoded, fetch_image
 from internvl35.serve.protocol import ChatCompletionRequest, split_messages
 from internvl35.serve.vision_client import RemoteVision, VisionUnavailable
 from internvl35.data.template import split_reasoning
@@ -75,7 +75,8 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
             return error(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                          "model", "not_found_error")
         try:
-            prompt = await run_in_threadpool(make_prompt, chat_model, req, limits)
+            # decoupled: images stay undecoded here, the vision server decodes and tiles them
+            prompt = await run_in_threadpool(make_prompt, chat_model, req, limits, vision is None)
             params = SamplingParams(max_new_tokens=req.max_completion_tokens or req.max_tokens or 256,
                                     temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     repetition_penalty=req.repetition_penalty, seed=req.seed,
@@ -88,6 +89,8 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
                 prompt = await vision.encode(prompt, flash)
             except VisionUnavailable as e:
                 return error(503, str(e), kind="service_unavailable")
+            except InputError as e:
+                return error(400, str(e))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = engine.generate(rid, prompt, params, tuple(req.stop or ()), req.n, flash)
         meta = {"id": rid, "created": int(time.time()), "model": model_name}
@@ -104,13 +107,14 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
     return app
 
 
-def make_prompt(chat_model: ChatModel, req: ChatCompletionRequest, limits: ServerLimits) -> Prompt:
+def make_prompt(chat_model: ChatModel, req: ChatCompletionRequest, limits: ServerLimits,
+                decode: bool = True) -> Prompt:
     system, history, question, urls = split_messages(req.messages)
     if len(urls) > limits.max_images:
         raise InputError(f"{len(urls)} images in the request; this server accepts at most {limits.max_images}")
-    images = [fetch_image(u, limits.media) for u in urls]
+    images = [(fetch_image if decode else fetch_encoded)(u, limits.media) for u in urls]
     return chat_model.build_prompt(question, images, history=history, thinking=req.wants_thinking,
-                                   system=system, max_tiles=req.max_tiles)
+                                   system=system, max_tiles=req.max_tiles, decode_images=decode)
 
 
 def _message(text: str, thinking: bool) -> dict:

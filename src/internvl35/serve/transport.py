@@ -8,8 +8,12 @@ are views of the tensors); receiving copies each frame once into an aligned tens
 Messages (`type`):
   encode    language -> vision: `id`, `tiles_per_image`, `flash` ([relative, absolute] or None);
             one frame: the request's tiles [N, 3, S, S] (float32, as preprocessed)
+  encode_files  language -> vision: `id`, `tiles_per_image` (as the language side counted them),
+            `max_tiles`, `flash`; one uint8 frame per image: its file bytes (PNG, JPEG, ...), which
+            the vision server decodes and tiles itself
   features  vision -> language: `id`, `tokens_per_tile`; one frame: features [M, D] in bfloat16
-  error     either way: `id` (may be None), `message`
+  error     either way: `id` (may be None), `message`; `input: true` when the request's own data is
+            bad (an undecodable image): the language server reports it to its client, no retry
   ping/pong health check: `id`
 """
 
@@ -22,10 +26,10 @@ import numpy as np
 import torch
 
 VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 1 << 31
-_REQUIRED = {"encode": ("id", "tiles_per_image"), "features": ("id", "tokens_per_tile"),
+_REQUIRED = {"encode": ("id", "tiles_per_image"), "encode_files": ("id", "tiles_per_image", "max_tiles"), "features": ("id", "tokens_per_tile"),
              "error": ("message",), "ping": ("id",), "pong": ("id",)}
 
 
@@ -84,7 +88,7 @@ def _tensor(spec: Any, buf) -> torch.Tensor:
     numel = 1
     for d in shape:
         numel *= d
-    size = numel * torch.finfo(dtype).bits // 8
+    size = numel * dtype.itemsize
     if size > MAX_TENSOR_BYTES or size != len(buf):
         raise ProtocolError(f"tensor {spec['dtype']}{shape} needs {size} bytes, frame has {len(buf)}")
     out = torch.empty(shape, dtype=dtype)

@@ -22,7 +22,7 @@ import zmq.asyncio
 
 from internvl35.chat import Prompt
 from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, PendingImages
-from internvl35.errors import InternVLError
+from internvl35.errors import InputError, InternVLError
 from internvl35.serve.transport import ProtocolError, pack, unpack
 
 log = logging.getLogger("internvl35.vision_client")
@@ -58,6 +58,8 @@ class _Peer:
                 continue  # a reply after its timeout (the request went elsewhere)
             if header["type"] == "features" and len(tensors) == 1:
                 fut.set_result((tensors[0], header["tokens_per_tile"]))
+            elif header["type"] == "error" and header.get("input"):
+                fut.set_exception(InputError(str(header.get("message"))))
             else:
                 fut.set_exception(ProtocolError(f"{self.endpoint}: {header.get('message', header['type'])}"))
 
@@ -82,28 +84,35 @@ class RemoteVision:
         self.ctx.term()
 
     async def encode(self, prompt: Prompt, flash: tuple[float, float] | None = None) -> EncodedPrompt:
-        """Features for the prompt's images (cached ones are not sent) -> the engine's input."""
-        if prompt.pixel_values is None:
+        """Features for the prompt's images (cached ones are not sent) -> the engine's input. Images
+        left undecoded (`Prompt.deferred`) travel as files and are tiled by the vision server.
+        Raises VisionUnavailable, or InputError when a vision server cannot decode an image."""
+        if prompt.pixel_values is None and not prompt.deferred:
             return EncodedPrompt(list(prompt.input_ids), None)
         pending = PendingImages.lookup(self.features, prompt, flash)
         if pending.todo:
-            pv = pending.pixels().float()
-            pending.fill(self.features, *await self.request(pv, pending.tiles_per_image, flash))
+            header = {"tiles_per_image": pending.tiles_per_image, "flash": list(flash) if flash else None}
+            if prompt.deferred:
+                header.update(type="encode_files", max_tiles=prompt.max_tiles)
+                frames = [torch.frombuffer(bytearray(im.data), dtype=torch.uint8) for im in pending.files()]
+            else:
+                header.update(type="encode")
+                frames = [pending.pixels().float()]
+            pending.fill(self.features, *await self.request(header, frames))
         return pending.assemble(self.image_token_id, self.tile_tokens)
 
     def _order(self) -> list[_Peer]:
         now = time.monotonic()
         return sorted(self.peers, key=lambda p: (p.down_until > now, p.down_until, len(p.pending)))
 
-    async def request(self, pixel_values: torch.Tensor, tiles_per_image: list[int],
-                      flash: tuple[float, float] | None) -> tuple[torch.Tensor, list[int]]:
+    async def request(self, header: dict, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """One encode round trip, failing over across servers -> (bf16 features [M, D], tokens per tile)."""
         errors = []
         for attempt, peer in enumerate(self._order()):
             if attempt:
                 self.stats["retries"] += 1
             try:
-                return await self._call(peer, pixel_values, tiles_per_image, flash)
+                return await self._call(peer, header, tensors)
             except (asyncio.TimeoutError, zmq.Again, ProtocolError) as e:
                 peer.down_until = time.monotonic() + self.retry_after_s
                 errors.append(f"{peer.endpoint}: {_why(e, self.timeout_s)}")
@@ -111,16 +120,13 @@ class RemoteVision:
         self.stats["failures"] += 1
         raise VisionUnavailable("no vision server could encode the images (" + "; ".join(errors) + ")")
 
-    async def _call(self, peer: _Peer, pv: torch.Tensor, tiles_per_image: list[int],
-                    flash: tuple[float, float] | None):
+    async def _call(self, peer: _Peer, header: dict, tensors: list[torch.Tensor]):
         if peer.reader is None or peer.reader.done():
             peer.reader = asyncio.create_task(peer.read())
         rid = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         peer.pending[rid] = fut
-        header = {"type": "encode", "id": rid, "tiles_per_image": tiles_per_image,
-                  "flash": list(flash) if flash is not None else None}
-        frames = pack(header, [pv])
+        frames = pack({**header, "id": rid}, tensors)
         try:
             deadline = time.monotonic() + self.connect_grace_s
             while True:  # a fresh or reconnecting socket gets a moment to (re)establish its connection
@@ -135,7 +141,7 @@ class RemoteVision:
             feats, per_tile = await asyncio.wait_for(fut, self.timeout_s)
         finally:
             peer.pending.pop(rid, None)
-        self.stats["transfer_bytes"] += pv.numel() * 4 + feats.numel() * 2
+        self.stats["transfer_bytes"] += sum(t.numel() * t.element_size() for t in tensors) + feats.numel() * 2
         return feats, per_tile
 
 

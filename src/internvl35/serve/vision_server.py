@@ -2,7 +2,11 @@
 router only. A ZeroMQ ROUTER socket takes `encode` requests from any number of language servers;
 each round gathers what has arrived (up to a tile budget), runs the ViT once over all of those tiles,
 then the projector and router per request (the router's quantile stays per request), and replies
-with bfloat16 features of the kept tokens only."""
+with bfloat16 features of the kept tokens only.
+
+Requests carry either preprocessed tiles (`encode`) or image files (`encode_files`): then decoding,
+tiling and normalisation happen here, off the language server's CPU, and the wire carries the
+compressed file instead of float32 tiles."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import torch
 import zmq
 
 from internvl35.chat import ChatModel
+from internvl35.data.image import MAX_PIXELS, load_image
+from internvl35.errors import InputError
 from internvl35.serve.transport import ProtocolError, pack, unpack
 
 log = logging.getLogger("internvl35.vision")
@@ -20,7 +26,8 @@ log = logging.getLogger("internvl35.vision")
 
 class VisionServer:
     def __init__(self, chat_model: ChatModel, bind: str, max_batch_tiles: int = 64,
-                 max_request_tiles: int = 256) -> None:
+                 max_request_tiles: int = 256, max_pixels: int = MAX_PIXELS) -> None:
+        self.chat_model, self.max_pixels = chat_model, max_pixels
         self.model, self.cfg = chat_model.model, chat_model.cfg
         self.device, self.dtype = chat_model.device, chat_model.dtype
         self.max_batch_tiles, self.max_request_tiles = max_batch_tiles, max_request_tiles
@@ -73,14 +80,35 @@ class VisionServer:
             if header["type"] == "ping":
                 self.sock.send_multipart([ident, *pack({"type": "pong", "id": rid})])
                 return None
-            if header["type"] != "encode":
-                raise ProtocolError(f"a vision server takes encode/ping messages, not {header['type']!r}")
+            if header["type"] == "encode_files":
+                tensors = [self._tiles(header, tensors)]
+            elif header["type"] != "encode":
+                raise ProtocolError(f"a vision server takes encode/encode_files/ping messages, not {header['type']!r}")
             return (ident, header, *self._check(header, tensors))
         except ProtocolError as e:
             self.stats["rejected"] += 1
             log.warning("rejected message%s: %s", f" {rid}" if rid else "", e)
             self.sock.send_multipart([ident, *pack({"type": "error", "id": rid, "message": str(e)})])
             return None
+        except InputError as e:  # the client's image itself is bad: not a fault of either server
+            self.sock.send_multipart([ident, *pack({"type": "error", "id": rid, "message": str(e), "input": True})])
+            return None
+
+    def _tiles(self, header: dict, files: list[torch.Tensor]) -> torch.Tensor:
+        """Decode and tile image files exactly as the language side counted them."""
+        n, tpi = header["max_tiles"], header["tiles_per_image"]
+        if not isinstance(n, int) or not 1 <= n <= self.max_request_tiles:
+            raise ProtocolError(f"max_tiles must be an integer in [1, {self.max_request_tiles}]")
+        if not files or any(f.dtype != torch.uint8 or f.ndim != 1 for f in files):
+            raise ProtocolError("encode_files takes one uint8 frame (the file bytes) per image")
+        if not isinstance(tpi, list) or len(tpi) != len(files):
+            raise ProtocolError(f"tiles_per_image must list {len(files)} counts, one per image")
+        images = [load_image(f.numpy().tobytes(), self.max_pixels) for f in files]
+        tiles = self.chat_model.image_tiles(images, n)
+        if [t.shape[0] for t in tiles] != tpi:
+            raise ProtocolError(f"the images make {[t.shape[0] for t in tiles]} tiles, not {tpi}: is the "
+                                f"language server running the same checkpoint?")
+        return torch.cat(tiles)
 
     def _check(self, header: dict, tensors: list) -> tuple[torch.Tensor, tuple[float, float] | None]:
         S = self.cfg.vision.image_size

@@ -37,6 +37,8 @@ class Stage:
 class TrainConfig:
     out_dir: str = "runs/mini"
     model: str = "mini"  # preset name (fresh init) or checkpoint directory (fine-tune)
+    # preset fields to change for a fresh init, nested by section: {vision: {image_size: 224}, text: {...}}
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None  # directory with tokenizer.json; None: checkpoint's, or trained on the world
     vocab_size: int = 1024  # for a tokenizer trained on the world
     stages: list[Stage] = field(default_factory=lambda: [Stage()])

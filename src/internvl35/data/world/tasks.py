@@ -12,6 +12,9 @@ from internvl35.data.world.render import (COLORS, SHAPES, Style, canvas, draw_sh
                                           text_size)
 from internvl35.data.world.sample import Sample
 
+# Scenes are drawn at about BASE px a side (one tile after resizing); the high-resolution family is drawn
+# at the mini model's native tile size, so its small text is legible only in full-resolution tiles.
+BASE = 112
 TILE = CONFIGS["mini"].vision.image_size
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "star", "moon", "home", "rain", "ship", "lamp",
          "door", "milk", "road", "ring", "cake", "gold", "blue", "frog", "wind", "king", "leaf", "bell", "coin",
@@ -163,7 +166,7 @@ def charts(rng: random.Random, style: Style) -> Sample:
     n = rng.randint(3, 5)
     labels = "ABCDE"[:n]
     values = [rng.randint(1, 9) for _ in range(n)]
-    w, h = TILE, TILE
+    w, h = BASE, BASE
     img = canvas(w, h, rng, style)
     d = ImageDraw.Draw(img)
     base, unit, left = h - 16, 9, 14
@@ -213,7 +216,7 @@ def video(rng: random.Random, style: Style) -> Sample:
     direction = rng.choice(["left", "right", "up", "down"])
     n = rng.randint(4, 6)
     s = rng.randint(16, 24)
-    w = h = TILE
+    w = h = BASE
     travel = rng.randint(40, w - s - 10)
     x0, y0 = rng.randint(4, w - s - 4), rng.randint(4, h - s - 4)
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
