@@ -127,11 +127,13 @@ def serve_vision(
     bind: str = typer.Option("tcp://127.0.0.1:5555", "--bind", help="ZeroMQ endpoint to listen on."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the vision tower."),
     max_batch_tiles: int = typer.Option(64, "--max-batch-tiles", help="Most tiles encoded in one pass."),
+    decode_workers: int = typer.Option(2, "--decode-workers",
+                                       help="Threads decoding and tiling image files while the ViT runs (0: inline)."),
 ) -> None:
     """Vision server for decoupled deployment: ViT + projectors + Flash router, features over TCP."""
     from internvl35.serve.vision_server import run_vision_server
 
-    _run(lambda: run_vision_server(model, bind, threads, max_batch_tiles))
+    _run(lambda: run_vision_server(model, bind, threads, max_batch_tiles, decode_workers))
 
 
 @app.command()

@@ -270,3 +270,37 @@ def test_language_server_keeps_serving_while_vision_is_slow(mini):
     ctx.term()
     assert r.choices[0].finish_reason in ("stop", "length")
     assert text_done - t0 < 2.5 and done["image"][1] == 503 and done["image"][0] - t0 >= 3.0
+
+
+def test_a_slow_decode_does_not_hold_up_other_requests(mini, vision_model, monkeypatch):
+    # image files decode on worker threads: a request behind a slow one is encoded without waiting
+    server = Running(vision_model, "tcp://127.0.0.1:*")
+    real = server.server._tiles
+
+    def slow_tiles(header, files):
+        time.sleep(1.5)
+        return real(header, files)
+
+    monkeypatch.setattr(server.server, "_tiles", slow_tiles)
+    files = [EncodedImage.probe(png_bytes(generate("attributes", 2**48 + 31).images[0]))]
+    slow = mini.build_prompt("Q", files, decode_images=False)
+    fast = mini.build_prompt("Q", generate("attributes", 2**48 + 32).images)
+    client = client_for(mini, [server.endpoint], timeout_s=10)
+
+    async def both():
+        done = []
+
+        async def go(name, prompt):
+            await client.encode(prompt)
+            done.append((name, time.perf_counter()))
+
+        t0 = time.perf_counter()
+        slow_task = asyncio.create_task(go("slow", slow))
+        await asyncio.sleep(0.2)
+        await asyncio.gather(slow_task, go("fast", fast))
+        return t0, dict(done), [n for n, _ in done]
+
+    t0, at, order = asyncio.run(both())
+    server.stop()
+    client.close()
+    assert order == ["fast", "slow"] and at["fast"] - t0 < 1.2 and at["slow"] - t0 >= 1.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import zmq
@@ -26,8 +27,12 @@ log = logging.getLogger("internvl35.vision")
 
 class VisionServer:
     def __init__(self, chat_model: ChatModel, bind: str, max_batch_tiles: int = 64,
-                 max_request_tiles: int = 256, max_pixels: int = MAX_PIXELS) -> None:
-        self.chat_model, self.max_pixels = chat_model, max_pixels
+                 max_request_tiles: int = 256, max_pixels: int = MAX_PIXELS, decode_workers: int = 2,
+                 max_queue: int = 64) -> None:
+        self.chat_model, self.max_pixels, self.max_queue = chat_model, max_pixels, max_queue
+        # image files decode and tile here (PIL and numpy release the GIL); 0 workers: inline
+        self.pool = ThreadPoolExecutor(decode_workers, "decode") if decode_workers else None
+        self.queue: list[tuple[bytes, dict, Future]] = []  # accepted requests, in arrival order
         self.model, self.cfg = chat_model.model, chat_model.cfg
         self.device, self.dtype = chat_model.device, chat_model.dtype
         self.max_batch_tiles, self.max_request_tiles = max_batch_tiles, max_request_tiles
@@ -44,6 +49,8 @@ class VisionServer:
         self._stop = True
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
         self.sock.close(0)
         self.ctx.term()
 
@@ -51,27 +58,39 @@ class VisionServer:
         log.info("vision server listening on %s", self.endpoint)
         try:
             while not self._stop:
-                if self.sock.poll(100):
+                # while images are being decoded, come back soon to encode them once they are ready
+                if self.sock.poll(1 if self.queue else 100) or self.queue:
                     self.step()
         finally:
             self.close()
 
     def step(self) -> None:
-        """One round: drain the socket (up to the tile budget), encode, reply."""
-        batch, tiles = [], 0
-        while tiles < self.max_batch_tiles and self.sock.poll(0):
-            frames = self.sock.recv_multipart(copy=False)
-            job = self._accept(frames)
-            if job is not None:
-                batch.append(job)
-                tiles += job[2].shape[0]
+        """One round: take what has arrived, then encode every request whose tiles are ready (up to
+        the tile budget) in one ViT pass and reply. Image files decode on worker threads meanwhile,
+        so preprocessing of the next requests overlaps the ViT of these."""
+        while len(self.queue) < self.max_queue and self.sock.poll(0):
+            self._accept(self.sock.recv_multipart(copy=False))
+        batch, tiles, waiting = [], 0, []
+        for ident, header, job in self.queue:
+            if not job.done() or tiles >= self.max_batch_tiles:
+                waiting.append((ident, header, job))
+                continue
+            try:
+                pv, flash = job.result()
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self._reject(ident, header.get("id"), e)
+                continue
+            batch.append((ident, header, pv, flash))
+            tiles += pv.shape[0]
+        self.queue = waiting
         if batch:
             t = time.perf_counter()
             self._encode(batch)
             self.stats["busy_s"] += time.perf_counter() - t
 
-    def _accept(self, frames) -> tuple | None:
-        """Validate one message; answers pings and rejects malformed input (logged, never fatal)."""
+    def _accept(self, frames) -> None:
+        """Validate one message and queue its job; answers pings and rejects malformed input (logged,
+        never fatal)."""
         ident, body = frames[0].bytes, frames[1:]
         rid = None
         try:
@@ -79,20 +98,34 @@ class VisionServer:
             rid = header.get("id")
             if header["type"] == "ping":
                 self.sock.send_multipart([ident, *pack({"type": "pong", "id": rid})])
-                return None
+                return
             if header["type"] == "encode_files":
-                tensors = [self._tiles(header, tensors)]
-            elif header["type"] != "encode":
+                job = self._run(lambda: self._check(header, [self._tiles(header, tensors)]))
+            elif header["type"] == "encode":
+                job = self._run(lambda: self._check(header, tensors), inline=True)
+            else:
                 raise ProtocolError(f"a vision server takes encode/encode_files/ping messages, not {header['type']!r}")
-            return (ident, header, *self._check(header, tensors))
+            self.queue.append((ident, header, job))
         except ProtocolError as e:
-            self.stats["rejected"] += 1
-            log.warning("rejected message%s: %s", f" {rid}" if rid else "", e)
-            self.sock.send_multipart([ident, *pack({"type": "error", "id": rid, "message": str(e)})])
-            return None
-        except InputError as e:  # the client's image itself is bad: not a fault of either server
+            self._reject(ident, rid, e)
+
+    def _run(self, fn, inline: bool = False) -> Future:
+        if self.pool is not None and not inline:
+            return self.pool.submit(fn)
+        job: Future = Future()
+        try:
+            job.set_result(fn())
+        except Exception as e:  # noqa: BLE001 - reported when the job is collected
+            job.set_exception(e)
+        return job
+
+    def _reject(self, ident: bytes, rid: str | None, e: Exception) -> None:
+        if isinstance(e, InputError):  # the client's image itself is bad: not a fault of either server
             self.sock.send_multipart([ident, *pack({"type": "error", "id": rid, "message": str(e), "input": True})])
-            return None
+            return
+        self.stats["rejected"] += 1
+        log.warning("rejected message%s: %s", f" {rid}" if rid else "", e)
+        self.sock.send_multipart([ident, *pack({"type": "error", "id": rid, "message": str(e)})])
 
     def _tiles(self, header: dict, files: list[torch.Tensor]) -> torch.Tensor:
         """Decode and tile image files exactly as the language side counted them."""
@@ -146,13 +179,14 @@ class VisionServer:
         self.stats["batches"] += 1
 
 
-def run_vision_server(model: str, bind: str, threads: int | None = None, max_batch_tiles: int = 64) -> None:
+def run_vision_server(model: str, bind: str, threads: int | None = None, max_batch_tiles: int = 64,
+                      decode_workers: int = 2) -> None:
     from internvl35.chat import load
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    server = VisionServer(load(model, part="vision"), bind, max_batch_tiles)
+    server = VisionServer(load(model, part="vision"), bind, max_batch_tiles, decode_workers=decode_workers)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
