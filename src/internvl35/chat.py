@@ -21,6 +21,7 @@ from internvl35.data.video import load_frames
 from internvl35.errors import InputError
 from internvl35.generate import generate_stream
 from internvl35.models.internvl import InternVLModel, flash_keep_mask
+from internvl35.models.qwen3 import fuse_projections_
 from internvl35.sampling import SamplingParams
 from internvl35.weights.config_json import config_from_dict, read_config_json
 from internvl35.weights.loader import load_weights
@@ -237,4 +238,5 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
     cfg, fmt = config_from_dict(read_config_json(path), name=path.name)
     tokenizer = Tokenizer.from_dir(path)
     model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
+    fuse_projections_(model)
     return ChatModel(model, tokenizer, fmt, path)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
-from internvl35.models.layers import (AttentionCache, Linear, RMSNorm, apply_rope, attention, linear,
-                                      rope_cos_sin)
+from internvl35.models.layers import (AttentionCache, FusedLinears, Linear, RMSNorm, apply_rope, attention,
+                                      linear, rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
 
@@ -28,13 +28,15 @@ class Qwen3Attention(nn.Module):
         self.o_proj = Linear(self.H * self.Dh, D, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+        self.qkv: FusedLinears | None = None  # set by `fuse_projections_` (inference)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: AttentionCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, L, self.H, self.Dh)).transpose(1, 2)  # [B, H, L, Dh]
-        k = self.k_norm(self.k_proj(x).view(B, L, self.K, self.Dh)).transpose(1, 2)  # [B, K, L, Dh]
-        v = self.v_proj(x).view(B, L, self.K, self.Dh).transpose(1, 2)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = self.q_norm(q.view(B, L, self.H, self.Dh)).transpose(1, 2)  # [B, H, L, Dh]
+        k = self.k_norm(k.view(B, L, self.K, self.Dh)).transpose(1, 2)  # [B, K, L, Dh]
+        v = v.reshape(B, L, self.K, self.Dh).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             out = cache.attend(self.layer, q, k, v)
@@ -49,9 +51,11 @@ class Qwen3MLP(nn.Module):
         self.gate_proj = Linear(dim, inter, bias=False)
         self.up_proj = Linear(dim, inter, bias=False)
         self.down_proj = Linear(inter, dim, bias=False)
+        self.gate_up: FusedLinears | None = None  # set by `fuse_projections_` (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -87,6 +91,18 @@ class Qwen3Model(nn.Module):
             else:
                 h = layer(h, cos, sin, cache, mask)
         return self.norm(h)
+
+
+def fuse_projections_(model: nn.Module) -> None:
+    """Fuse q/k/v and gate/up of every Qwen3 block in `model` for inference (no extra memory; the
+    parameters keep their names and values)."""
+    for m in model.modules():
+        if any(p.is_meta for p in m.parameters()):
+            continue  # not loaded (a decoupled server holds only one side)
+        if isinstance(m, Qwen3Attention) and m.qkv is None:
+            m.qkv = FusedLinears([m.q_proj, m.k_proj, m.v_proj])
+        elif isinstance(m, Qwen3MLP) and m.gate_up is None:
+            m.gate_up = FusedLinears([m.gate_proj, m.up_proj])
 
 
 class Qwen3ForCausalLM(nn.Module):
