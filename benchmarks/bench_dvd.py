@@ -14,7 +14,7 @@ the language server only reads each image's header (`probe`) and sends the file;
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
-    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 4]
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def vit_heavy_checkpoint(out: Path) -> Path:
 
 
 def images(n: int) -> list[str]:
-    """n distinct 336x224 scenes as data URLs (at 224 px tiles and --max-tiles 4: 2 tiles + thumbnail)."""
+    """n distinct 336x224 scenes as data URLs (mini's 112 px tiles, --max-tiles 6: 6 tiles + thumbnail)."""
     import random
 
     urls = []
@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--max-tiles", type=int, default=4)
+    ap.add_argument("--max-tiles", type=int, default=6)
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 CPU cores")

@@ -139,7 +139,7 @@ GPT_OSS_20B = TextConfig(
 
 # The tiny presets: same code paths as the released sizes, small enough for CPU tests and training.
 MINI_VIT = VisionConfig(hidden_size=192, num_layers=6, num_heads=3, intermediate_size=768,
-                        image_size=224, patch_size=14)
+                        image_size=112, patch_size=14)
 MINI_TEXT = TextConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                        intermediate_size=768, vocab_size=1024, tie_embeddings=True,
                        max_position_embeddings=4096)
