@@ -174,7 +174,13 @@ for _size in ("1B", "2B", "4B", "8B", "14B", "38B", "30B-A3B"):
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset, optionally with top-level fields replaced (`vision=`, `text=`, `flash=`, ...)."""
+    """A named preset, optionally with fields replaced: whole sections (`text=TextConfig(...)`) or,
+    given as dicts, single fields of a section (`vision={"image_size": 224}`)."""
     if name not in CONFIGS:
         raise UnsupportedArchitectureError(f"unknown preset {name!r}; known: {', '.join(CONFIGS)}")
-    return dataclasses.replace(CONFIGS[name], **overrides)
+    return _replace(CONFIGS[name], overrides)
+
+
+def _replace(obj: Any, changes: dict[str, Any]) -> Any:
+    return dataclasses.replace(obj, **{k: _replace(getattr(obj, k), v) if isinstance(v, dict) else v
+                                       for k, v in changes.items()})

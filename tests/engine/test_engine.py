@@ -3,8 +3,6 @@ with prefix and feature caching, under KV pressure (preemption), with Flash and 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -64,8 +62,8 @@ def random_chat_model(name: str, tokenizer):
     from tests.conftest import randomize_
 
     torch.manual_seed(0)
-    cfg = get_config(name)  # 112 px tiles (16 tokens each) keep the prompts short
-    model = InternVLModel(replace(cfg, vision=replace(cfg.vision, image_size=112))).eval()
+    # 112 px tiles (16 tokens each) keep the prompts short
+    model = InternVLModel(get_config(name, vision={"image_size": 112})).eval()
     randomize_(model)
     return ChatModel(model, tokenizer)
 

@@ -67,10 +67,9 @@ def test_response_only_labels(tokenizer):
 
 def test_model_overrides_change_nested_preset_fields():
     from internvl35.config import get_config
-    from internvl35.train.loop import override
 
     base = get_config("mini")
-    cfg = override(base, {"vision": {"image_size": 112}, "text": {"vocab_size": 300}, "max_dynamic_patch": 2})
+    cfg = get_config("mini", vision={"image_size": 112}, text={"vocab_size": 300}, max_dynamic_patch=2)
     assert (cfg.vision.image_size, cfg.text.vocab_size, cfg.max_dynamic_patch) == (112, 300, 2)
     assert cfg.vision.hidden_size == base.vision.hidden_size and cfg.num_image_token == 16
 

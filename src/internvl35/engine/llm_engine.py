@@ -93,7 +93,7 @@ class LLMEngine:
         for i in range(n):
             p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
             self.scheduler.add(Sequence(list(enc.input_ids), p, list(enc.spans), enc.features, tuple(stop),
-                                        request_id, index=i))
+                                        request_id, index=i, decoder=IncrementalDecoder(self.tokenizer)))
         self.stats["prompt_tokens"] += n * len(enc.input_ids)
 
     def abort(self, request_id: str) -> bool:
@@ -121,8 +121,6 @@ class LLMEngine:
         reason = None
         if tok in self.stop_ids and not seq.params.ignore_eos:
             reason = "stop"
-        if seq.decoder is None:
-            seq.decoder = IncrementalDecoder(self.tokenizer)
         before = len(seq.decoder.text)
         if tok not in self.stop_ids:
             seq.decoder.add(tok)

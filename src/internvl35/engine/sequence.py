@@ -47,7 +47,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     text: str = ""  # completion text sent so far (stop strings cut it)
-    decoder: IncrementalDecoder | None = None
+    decoder: IncrementalDecoder | None = None  # the completion's text (the engine sets it)
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:

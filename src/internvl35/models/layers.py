@@ -82,39 +82,31 @@ class FusedLinears:
 
     def __init__(self, mods: list[nn.Linear]) -> None:
         self.mods, self.sizes = mods, [m.weight.shape[0] for m in mods]
-        self.shape = (sum(self.sizes), mods[0].weight.shape[1])
-        weight = torch.cat([m.weight.detach() for m in mods])
-        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-        row = 0
-        for m, n in zip(mods, self.sizes):
-            m.weight.data = weight[row:row + n]
-            if bias is not None:
-                m.bias.data = bias[row:row + n]
-            row += n
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
+        self.has_bias = mods[0].bias is not None
+        for name in ("weight", "bias") if self.has_bias else ("weight",):
+            buffer = torch.cat([getattr(m, name).detach() for m in mods])
+            for m, row, n in zip(mods, self.offsets, self.sizes):
+                getattr(m, name).data = buffer[row:row + n]
 
-    def _view(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+    def _buffer(self, name: str) -> torch.Tensor | None:
+        """The fused buffer behind every module's `name` parameter, or None if they no longer share it."""
+        params = [getattr(m, name) for m in self.mods]
         first = params[0]
-        if first.storage_offset() != 0 or first.untyped_storage().nbytes() != first.element_size() * self.shape[0] * (
-                self.shape[1] if first.ndim == 2 else 1):
+        row_bytes = first[0].numel() * first.element_size()
+        rows = sum(self.sizes)
+        if first.storage_offset() or first.untyped_storage().nbytes() != rows * row_bytes or any(
+                p.data_ptr() != first.data_ptr() + row * row_bytes for p, row in zip(params, self.offsets)):
             return None
-        step = first.element_size() * (self.shape[1] if first.ndim == 2 else 1)
-        ptr, row = first.data_ptr(), 0
-        for p, n in zip(params, self.sizes):
-            if p.data_ptr() != ptr + row * step:
-                return None
-            row += n
-        shape = self.shape if first.ndim == 2 else self.shape[:1]
-        return first.new_empty(0).set_(first.untyped_storage(), 0, shape)
+        return first.new_empty(0).set_(first.untyped_storage(), 0, (rows, *first.shape[1:]))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        weight = None if torch.is_grad_enabled() else self._view([m.weight for m in self.mods])
-        bias = None
-        if weight is not None and self.mods[0].bias is not None:
-            bias = self._view([m.bias for m in self.mods])
-            weight = weight if bias is not None else None
-        if weight is None:  # training (every parameter needs its own gradient) or no longer fused
-            return [m(x) for m in self.mods]
-        return list(linear(x, weight, bias).split(self.sizes, -1))
+        if not torch.is_grad_enabled():  # training: every parameter needs its own gradient
+            weight = self._buffer("weight")
+            bias = self._buffer("bias") if self.has_bias else None
+            if weight is not None and (bias is not None or not self.has_bias):
+                return list(linear(x, weight, bias).split(self.sizes, -1))
+        return [m(x) for m in self.mods]
 
 
 class Linear(nn.Linear):

@@ -29,8 +29,8 @@ VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 1 << 31
-_REQUIRED = {"encode": ("id", "tiles_per_image"), "encode_files": ("id", "tiles_per_image", "max_tiles"), "features": ("id", "tokens_per_tile"),
-             "error": ("message",), "ping": ("id",), "pong": ("id",)}
+_REQUIRED = {"encode": ("id", "tiles_per_image"), "encode_files": ("id", "tiles_per_image", "max_tiles"),
+             "features": ("id", "tokens_per_tile"), "error": ("message",), "ping": ("id",), "pong": ("id",)}
 
 
 class ProtocolError(ValueError):

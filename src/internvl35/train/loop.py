@@ -45,12 +45,6 @@ def init_weights(model: InternVLModel) -> None:
             nn.init.normal_(p, std=0.02)
 
 
-def override(obj, changes: dict):
-    """A frozen config dataclass with (nested) fields replaced: {"vision": {"image_size": 224}}."""
-    return replace(obj, **{k: override(getattr(obj, k), v) if isinstance(v, dict) else v
-                           for k, v in changes.items()})
-
-
 def build(cfg: TrainConfig) -> tuple[InternVLModel, Tokenizer, dict]:
     """Model + tokenizer from a checkpoint directory (fine-tuning) or a preset (from scratch)."""
     path = Path(cfg.model)
@@ -63,9 +57,8 @@ def build(cfg: TrainConfig) -> tuple[InternVLModel, Tokenizer, dict]:
         origin = {"init": str(path)}
     else:
         tok = Tokenizer.from_dir(Path(cfg.tokenizer)) if cfg.tokenizer else train_bpe(world_corpus(), cfg.vocab_size)
-        mcfg = override(get_config(cfg.model), {**cfg.model_overrides,
-                                                "text": {**cfg.model_overrides.get("text", {}),
-                                                         "vocab_size": tok.vocab_size}})
+        text = {**cfg.model_overrides.get("text", {}), "vocab_size": tok.vocab_size}
+        mcfg = get_config(cfg.model, **{**cfg.model_overrides, "text": text})
         torch.manual_seed(cfg.seed)
         model = InternVLModel(mcfg)
         init_weights(model)
