@@ -23,7 +23,11 @@ FAST_MODEL = "mini"
 FAST_OVERRIDES = {"vision": {"image_size": 112}}  # 16 tokens per tile: the loop, not the recipe, is tested
 
 
-def _config(tmp: Path, tokenizer_dir: Path, steps: int, **extra) -> Path:
+DENSE = {"name": "vision", "objective": "dense", "batch_tiles": 6, "lr": 2e-3, "warmup_steps": 1,
+         "data": [{"source": "world", "families": {"attributes": 1, "counting": 1, "text": 1}}]}
+
+
+def _config(tmp: Path, tokenizer_dir: Path, steps: int, dense_steps: int = 0, **extra) -> Path:
     cfg = {"out_dir": str(tmp / "run"), "model": FAST_MODEL, "model_overrides": FAST_OVERRIDES, "tokenizer": str(tokenizer_dir), "max_tokens": 512,
            "grad_accum": 2, "save_every": 5, "threads": 1,
            "stages": [{"name": "a", "steps": 4, "lr": 2e-3, "warmup_steps": 1,
@@ -31,6 +35,8 @@ def _config(tmp: Path, tokenizer_dir: Path, steps: int, **extra) -> Path:
                       {"name": "b", "steps": steps - 4, "lr": 1e-3, "warmup_steps": 1,
                        "data": [{"source": "world", "families": {"attributes": 1, "text_only": 1}}]}],
            **extra}
+    if dense_steps:
+        cfg["stages"].insert(0, {**DENSE, "steps": dense_steps})
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -107,6 +113,31 @@ def test_loss_falls_and_sigkill_resume_is_exact(tmp_path, tok_dir):
     assert (run / "loss.png").is_file() and (run / "checkpoint" / "model.safetensors").is_file()
 
 
+def test_dense_vision_stage_learns_and_sigkill_resume_is_exact(tmp_path, tok_dir):
+    # the dense warm-up has its own heads and optimizer: both must survive a kill mid-stage
+    ref_cfg = _config(tmp_path / "ref", tok_dir, 4, dense_steps=10, save_every=4)
+    subprocess.run(_train_cmd(ref_cfg), check=True, capture_output=True)
+    ref = _losses(tmp_path / "ref" / "run")
+    dense = [ref[k] for k in range(1, 11)]
+    assert sum(dense[-3:]) / 3 < 0.8 * sum(dense[:3]) / 3
+
+    cfg = _config(tmp_path / "kill", tok_dir, 4, dense_steps=10, save_every=4)
+    run = tmp_path / "kill" / "run"
+    p = subprocess.Popen(_train_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # after the step-4 checkpoint, before the step-8 one
+        if (run / "metrics.jsonl").is_file() and len(_losses(run)) >= 6:
+            break
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert 6 <= len(_losses(run)) < 8
+    subprocess.run(_train_cmd(cfg), check=True, capture_output=True)
+    got = _losses(run)
+    assert list(got) == list(ref)
+    assert all(abs(got[k] - ref[k]) < 1e-6 for k in ref), (got, ref)
+
+
 def test_resume_at_a_stage_boundary_starts_the_next_stage_fresh(tmp_path, tok_dir):
     # A recipe grown by a stage: the first run ends exactly at the boundary; resuming with the longer
     # recipe must give the next stage a fresh optimizer and schedule, as an uninterrupted run does.
@@ -128,9 +159,9 @@ def test_resume_at_a_stage_boundary_starts_the_next_stage_fresh(tmp_path, tok_di
 
 def test_two_process_fsdp_matches_one_process(tmp_path, tok_dir):
     steps = 6
-    one = _config(tmp_path / "one", tok_dir, steps, save_every=100)
+    one = _config(tmp_path / "one", tok_dir, steps, dense_steps=2, save_every=100)
     subprocess.run(_train_cmd(one), check=True, capture_output=True)
-    two = _config(tmp_path / "two", tok_dir, steps, save_every=100)
+    two = _config(tmp_path / "two", tok_dir, steps, dense_steps=2, save_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     import socket
     with socket.socket() as sock:  # a free loopback port for the rendezvous

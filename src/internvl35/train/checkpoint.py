@@ -19,11 +19,14 @@ from internvl35.models.internvl import InternVLModel
 from internvl35.weights.convert import write_checkpoint
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, owner: torch.nn.Module | None = None
+               ) -> tuple[dict, dict]:
     """Unsharded model and optimizer state (a collective under FSDP: every rank must call it). The
-    optimizer state is keyed by parameter name, so any process count can resume it."""
+    optimizer state is keyed by parameter name within `owner` (the module the optimizer trains, the
+    model by default), so any process count can resume it."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(owner if owner is not None else model, optimizer, options=opts))
 
 
 def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -32,13 +35,13 @@ def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def save(out: Path, model: InternVLModel, tokenizer: Tokenizer, params: dict, optimizer_state: dict,
-         scheduler: Any, state: dict[str, Any]) -> Path:
-    """Write on one process, from `full_state` results."""
+         scheduler: Any, state: dict[str, Any], aux: dict | None = None) -> Path:
+    """Write on one process, from `full_state` results; `aux` holds stage-only modules (dense heads)."""
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(model, tokenizer, tmp, "custom", torch.float32, params=params)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "train_state.pt")
+                "torch_rng": torch.get_rng_state(), "aux": aux}, tmp / "train_state.pt")
     (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
     _fsync_dir(tmp)
     if final.exists():

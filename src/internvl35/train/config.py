@@ -30,6 +30,10 @@ class Stage:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     freeze: list[str] = field(default_factory=list)  # any of "vision", "projector", "llm"
+    # "lm": the language loss on conversations; "dense": the ViT alone learns per-patch labels of the
+    # mini world (a vision warm-up before the language stages)
+    objective: str = "lm"
+    batch_tiles: int = 64  # dense: tiles per optimizer step
     data: list[DataSource] = field(default_factory=lambda: [DataSource()])
 
 

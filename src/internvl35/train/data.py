@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
+import torch
+
+from internvl35.data.image import preprocess_image
 from internvl35.data.sft import Example, ImageSettings, jsonl_records, tokenize_record, world_record
 from internvl35.data.template import Template
 from internvl35.data.tokenizer import Tokenizer
@@ -17,8 +20,9 @@ from internvl35.train.config import DataSource, Stage
 
 class ExampleSource:
     def __init__(self, stage: Stage, tok: Tokenizer, template: Template, settings: ImageSettings, seed: int,
-                 system: str | None = None):
+                 system: str | None = None, patch_size: int = 14):
         self.stage, self.tok, self.template, self.settings, self.seed = stage, tok, template, settings, seed
+        self.patch_size = patch_size
         self.system = system
         self.sources = stage.data
         self.weights = [d.weight for d in self.sources]
@@ -38,15 +42,22 @@ class ExampleSource:
             self._order = {(i, epoch): order, **{k: v for k, v in self._order.items() if k[0] != i}}
         return self._order[(i, epoch)]
 
-    def example(self, idx: int) -> Example:
+    def _pick(self, idx: int) -> tuple[random.Random, int, DataSource, str | None]:
+        """The example's RNG, source (index and spec) and, for the world, its task family."""
         rng = random.Random(f"{self.seed}:{self.stage.name}:{idx}")
         i = rng.choices(range(len(self.sources)), self.weights)[0]
         d = self.sources[i]
-        settings = replace(self.settings, jpeg_augment=True) if d.jpeg_augment else self.settings
+        family = None
         if d.source == "world":
             from internvl35.data.world import FAMILIES
             fams = d.families or {f: 1.0 for f in FAMILIES}
             family = rng.choices(list(fams), list(fams.values()))[0]
+        return rng, i, d, family
+
+    def example(self, idx: int) -> Example:
+        rng, i, d, family = self._pick(idx)
+        settings = replace(self.settings, jpeg_augment=True) if d.jpeg_augment else self.settings
+        if d.source == "world":
             record, root = world_record(family, rng.getrandbits(48), easy=d.easy, big_text=d.big_text), None
         elif d.source == "jsonl":
             records = self._records(i, d)
@@ -59,6 +70,38 @@ class ExampleSource:
     def stream(self, start: int) -> Iterator[tuple[int, Example]]:
         for idx in count(start):
             yield idx, self.example(idx)
+
+    def dense_example(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tiles [T, 3, S, S] and per-patch labels [T, P, K] of a world sample (None: no image)."""
+        from internvl35.data.world import Style, generate
+        from internvl35.data.world.dense import tile_targets
+        from internvl35.data.world.render import annotate
+
+        rng, _, d, family = self._pick(idx)
+        if d.source != "world":
+            raise ValueError("the dense vision objective needs mini-world data sources (per-patch labels)")
+        with annotate() as ann:
+            sample = generate(family, rng.getrandbits(48), Style(easy=d.easy, big_text=d.big_text))
+        if not sample.images:
+            return None
+        s = self.settings
+        per_image = 1 if sample.video else max(1, s.max_tiles // len(sample.images))
+        tiles = [preprocess_image(im, s.image_size, per_image, s.use_thumbnail) for im in sample.images]
+        labels = [tile_targets(ann.marks(im), *im.size, s.image_size, self.patch_size, per_image, s.use_thumbnail)
+                  for im in sample.images]
+        return torch.cat(tiles), torch.cat(labels)
+
+    def dense_batch(self, start: int, tiles: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Examples from `start` on until at least `tiles` tiles: (next example, tiles, labels)."""
+        xs, ys, n, idx = [], [], 0, start
+        while n < tiles:
+            got = self.dense_example(idx)
+            idx += 1
+            if got is not None:
+                xs.append(got[0])
+                ys.append(got[1])
+                n += got[0].shape[0]
+        return idx, torch.cat(xs), torch.cat(ys)
 
 
 def world_corpus(n_per_family: int = 400, seed: int = 12345) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from internvl35.models.moe import Qwen3MoE, load_balancing_loss
 from internvl35.train import checkpoint
 from internvl35.train.config import Stage, TrainConfig
 from internvl35.train.data import ExampleSource, world_corpus
+from internvl35.train.dense import DenseWarmup
 from internvl35.train.losses import square_weights, weighted_lm_loss_sum
 from internvl35.train.parallel import Dist, parallelize
 from internvl35.train.report import MetricsLog
@@ -123,6 +124,42 @@ def flops_per_pack(counts: tuple[int, int], patches: int, p: Pack) -> float:
     return 6 * (llm * p.input_ids.numel() + vit * tiles * patches)
 
 
+@dataclass
+class StepResult:
+    loss: float  # mean loss of the optimizer step
+    next_example: int  # data position after it
+    tokens: int  # LLM tokens (language stages) or ViT patches (dense stages)
+    samples: int
+    flops: float
+
+
+def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, counts: tuple[int, int],
+            patches: int) -> StepResult:
+    """Forward + backward of one global batch of packs (this rank's share); gradients left in place."""
+    step_packs = list(islice(packs, cfg.grad_accum))  # every rank builds the global batch
+    ws = [square_weights(p.labels, p.segments) for _, p in step_packs]
+    total_w = float(sum(w.sum() for w in ws))
+    loss_sum = sum(micro_step(model, p, w, d.world / total_w, cfg, moe_coef)
+                   for (_, p), w in zip(step_packs[d.rank::d.world], ws[d.rank::d.world]))
+    return StepResult(loss=d.all_reduce_sum(loss_sum) / total_w, next_example=step_packs[-1][0],
+                      tokens=sum(p.input_ids.numel() for _, p in step_packs),
+                      samples=sum(p.num_examples for _, p in step_packs),
+                      flops=sum(flops_per_pack(counts, patches, p) for _, p in step_packs))
+
+
+def dense_step(warmup: DenseWarmup, source: ExampleSource, start: int, tiles: int, d: Dist,
+               vit_params: int) -> StepResult:
+    """One global batch of the dense vision objective; every rank takes every world-th tile and the
+    gradients are summed across ranks, so any process count computes the same step."""
+    nxt, x, y = source.dense_batch(start, tiles)
+    patches = y.shape[0] * y.shape[1]
+    loss = warmup(x[d.rank::d.world], y[d.rank::d.world], 1.0 / patches)
+    loss.backward()
+    d.all_reduce_grads(warmup)
+    return StepResult(loss=d.all_reduce_sum(float(loss.detach())), next_example=nxt, tokens=patches,
+                      samples=nxt - start, flops=6 * vit_params * x.shape[0] * (y.shape[1] + 1))
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Run every stage of `cfg`; returns the final checkpoint directory."""
     d = Dist.init()
@@ -152,26 +189,34 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     final = out / "checkpoint"
     for si in range(state["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
+        dense = stage.objective == "dense"
+        if stage.objective not in ("lm", "dense"):
+            raise ValueError(f"stage {stage.name!r}: unknown objective {stage.objective!r} (use 'lm' or 'dense')")
         freeze(model, stage.freeze)
-        wrapped = parallelize(model, d)
+        if dense:
+            if getattr(model, "_fsdp_applied", False):
+                raise ValueError("with several processes, dense stages must come before the language stages")
+            wrapped = DenseWarmup(model.vision_model, model.cfg.vision.hidden_size, model.cfg.select_layer, cfg.seed)
+        else:
+            wrapped = parallelize(model, d)
         opt, sched = make_optimizer(wrapped, stage, cfg)
         if blobs is not None and state["stage_step"] > 0:
             # mid-stage: continue the stage's optimizer; at a stage boundary the new stage starts
             # with a fresh optimizer and schedule, exactly as an uninterrupted run does
             checkpoint.restore_optimizer(wrapped, opt, blobs["optimizer"])
             sched.load_state_dict(blobs["scheduler"])
+            if dense:
+                wrapped.heads.load_state_dict(blobs["aux"])
         blobs = None
-        source = ExampleSource(stage, tok, template, settings, cfg.seed, model.cfg.system_message)
-        packs = pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
+        source = ExampleSource(stage, tok, template, settings, cfg.seed, model.cfg.system_message,
+                               model.cfg.vision.patch_size)
+        packs = None if dense else pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
         while state["stage_step"] < stage.steps:
             t0 = time.perf_counter()
-            step_packs = list(islice(packs, cfg.grad_accum))  # every rank builds the global batch
-            mine = step_packs[d.rank::d.world]
-            ws = [square_weights(p.labels, p.segments) for _, p in step_packs]
-            total_w = float(sum(w.sum() for w in ws))
-            loss_sum = sum(micro_step(wrapped, p, w, d.world / total_w, cfg, moe_coef)
-                           for (_, p), w in zip(mine, ws[d.rank::d.world]))
-            loss_sum = d.all_reduce_sum(loss_sum)
+            if dense:
+                step = dense_step(wrapped, source, state["next_example"], stage.batch_tiles, d, counts[1])
+            else:
+                step = lm_step(wrapped, packs, cfg, d, moe_coef, counts, model.cfg.vision.grid**2 + 1)
             gnorm = torch.nn.utils.clip_grad_norm_([q for q in wrapped.parameters() if q.requires_grad],
                                                    cfg.grad_clip)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
@@ -179,19 +224,18 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             sched.step()
             opt.zero_grad(set_to_none=True)
             state.update(step=state["step"] + 1, stage_step=state["stage_step"] + 1,
-                         next_example=step_packs[-1][0], stage=si)
+                         next_example=step.next_example, stage=si)
             dt = time.perf_counter() - t0
-            tokens = sum(p.input_ids.numel() for _, p in step_packs)
-            flops = sum(flops_per_pack(counts, model.cfg.vision.grid**2 + 1, p) for _, p in step_packs)
-            log.step(state["step"], stage=stage.name, loss=loss_sum / total_w, lr=sched.get_last_lr()[0],
-                     grad_norm=gnorm, tokens=tokens, tok_s=tokens / dt, samples=sum(p.num_examples for _, p in step_packs),
-                     mfu=flops / dt / peak, dt=dt)
+            log.step(state["step"], stage=stage.name, loss=step.loss, lr=sched.get_last_lr()[0],
+                     grad_norm=gnorm, tokens=step.tokens, tok_s=step.tokens / dt, samples=step.samples,
+                     mfu=step.flops / dt / peak, dt=dt)
             last = state["stage_step"] == stage.steps
             if state["step"] % cfg.save_every == 0 or last:
                 # a checkpoint at the end of a stage resumes at the start of the next one
                 saved = {**state, "stage": si + 1, "stage_step": 0, "next_example": 0} if last else state
-                params, opt_state = checkpoint.full_state(wrapped, opt)
-                final = d.save(lambda: checkpoint.save(out, model, tok, params, opt_state, sched, saved))
+                params, opt_state = checkpoint.full_state(model, opt, owner=wrapped)
+                aux = wrapped.heads.state_dict() if dense else None
+                final = d.save(lambda: checkpoint.save(out, model, tok, params, opt_state, sched, saved, aux))
                 log.plot()
         state.update(stage=si + 1, stage_step=0, next_example=0)
     log.close()

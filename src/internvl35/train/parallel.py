@@ -33,6 +33,13 @@ class Dist:
         dist.all_reduce(t)
         return float(t)
 
+    def all_reduce_grads(self, module: nn.Module) -> None:
+        """Sum the gradients of an unsharded module across processes."""
+        if self.world > 1:
+            for q in module.parameters():
+                if q.grad is not None:
+                    dist.all_reduce(q.grad)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

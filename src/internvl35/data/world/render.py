@@ -3,13 +3,19 @@
 Two renderers share this module: the training style and an "alt" style (other font, outlined and
 anti-aliased shapes, gradient backgrounds) used only to test that answers do not depend on the
 generator's own look.
+
+Inside `annotate()`, every drawn shape, bar and text is also recorded per image, so dense per-patch
+targets (vision warm-up) can be made for any task's images without the tasks knowing about it.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +30,53 @@ SHAPES = ("circle", "square", "triangle", "star")
 FONT_DIR = Path(__file__).resolve().parents[2] / "assets" / "fonts"
 TRAIN_FONTS = ("default", "DejaVuSansMono.ttf")
 ALT_FONTS = ("DejaVuSerif.ttf",)
+
+
+@dataclass
+class Mark:
+    """One drawn item: kind "shape" (with `shape`), "bar" (a filled chart bar) or "text" (with `text`,
+    `size`, `font`); `box` is (x1, y1, x2, y2) in image pixels (the text's top-left for text)."""
+
+    kind: str
+    box: tuple[int, int, int, int]
+    color: str | None = None
+    shape: str | None = None
+    text: str | None = None
+    size: int = 0
+    font: str = ""
+
+
+@dataclass
+class Annotations:
+    _by_image: dict[int, tuple[Image.Image, list[Mark]]] = field(default_factory=dict)
+
+    def add(self, img: Image.Image, mark: Mark) -> None:
+        self._by_image.setdefault(id(img), (img, []))[1].append(mark)
+
+    def marks(self, img: Image.Image) -> list[Mark]:
+        """What was drawn on `img`, in drawing order (later marks cover earlier ones)."""
+        entry = self._by_image.get(id(img))
+        return list(entry[1]) if entry is not None and entry[0] is img else []
+
+
+_recording: ContextVar[Annotations | None] = ContextVar("world_annotations", default=None)
+
+
+@contextmanager
+def annotate() -> Iterator[Annotations]:
+    """Record what is drawn (per image) while the block runs."""
+    ann = Annotations()
+    token = _recording.set(ann)
+    try:
+        yield ann
+    finally:
+        _recording.reset(token)
+
+
+def _record(img: Image.Image, mark: Mark) -> None:
+    ann = _recording.get()
+    if ann is not None:
+        ann.add(img, mark)
 
 
 @lru_cache(maxsize=64)
@@ -78,6 +131,7 @@ def draw_shape(img: Image.Image, shape: str, color: str, box: tuple[int, int, in
                rng: random.Random, style: Style) -> None:
     """Draw `shape` filling `box` (x1, y1, x2, y2) in `color`."""
     fill = jitter(COLORS[color], rng)
+    _record(img, Mark("shape", tuple(box), color=color, shape=shape))
     x1, y1, x2, y2 = box
     if style.alt:  # supersampled, with a dark outline: a different rasteriser
         s = 4
@@ -88,6 +142,12 @@ def draw_shape(img: Image.Image, shape: str, color: str, box: tuple[int, int, in
         _draw(ImageDraw.Draw(img), shape, box, None, outline=tuple(c // 3 for c in fill))
         return
     _draw(ImageDraw.Draw(img), shape, box, fill)
+
+
+def draw_bar(img: Image.Image, box: tuple[int, int, int, int], color: str) -> None:
+    """A flat chart bar (no colour jitter: the bars of one chart share one colour)."""
+    _record(img, Mark("bar", tuple(box), color=color))
+    ImageDraw.Draw(img).rectangle(box, fill=COLORS[color])
 
 
 def _draw(d: ImageDraw.ImageDraw, shape: str, box, fill, outline=None) -> None:
@@ -130,6 +190,7 @@ def draw_text(img: Image.Image, text: str, xy: tuple[int, int], size: int, font_
     d = ImageDraw.Draw(img)
     bright = sum(img.getpixel((min(xy[0], img.width - 1), min(xy[1], img.height - 1)))) > 3 * 128
     fill = color or ((15, 15, 15) if bright else (245, 245, 245))
+    _record(img, Mark("text", (xy[0], xy[1], xy[0], xy[1]), text=text, size=size, font=font_name))
     d.text(xy, text, font=f, fill=fill)
     return d.textbbox(xy, text, font=f)
 

@@ -8,8 +8,8 @@ import random
 from PIL import ImageDraw
 
 from internvl35.config import CONFIGS
-from internvl35.data.world.render import (COLORS, SHAPES, Style, canvas, draw_shape, draw_text, place_boxes,
-                                          text_size)
+from internvl35.data.world.render import (COLORS, SHAPES, Style, canvas, draw_bar, draw_shape, draw_text,
+                                          place_boxes, text_size)
 from internvl35.data.world.sample import Sample
 
 # Scenes are drawn at about BASE px a side (one tile after resizing); the high-resolution family is drawn
@@ -177,7 +177,7 @@ def charts(rng: random.Random, style: Style) -> Sample:
     fname = style.font_name(rng)
     for i, (lab, v) in enumerate(zip(labels, values)):
         x = left + i * bw + 3
-        d.rectangle((x, base - v * unit, x + bw - 6, base), fill=COLORS[color])
+        draw_bar(img, (x, base - v * unit, x + bw - 6, base), color)
         draw_text(img, lab, (x + (bw - 6) // 2 - 3, base + 2), 11, fname)
     kind = rng.random()
     if kind < 0.5:
