@@ -95,7 +95,14 @@ def launch(args: list[str], cores: set[int]) -> subprocess.Popen:
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))
 
 
-async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: dict) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: dict,
+                    servers: dict[str, int]) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
@@ -120,11 +127,18 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
                                                      {"type": "text", "text": "Describe the image."}]}])
             latencies.append(time.perf_counter() - t)
 
+    # CPU time per request of each server and of this client: on 2 cores the client shares the
+    # serving cores (with coupled serving on one core it has the other to itself)
+    cpu0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+    c0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(one(u) for u in urls[:-1]))
     total = time.perf_counter() - t0
+    n = len(latencies)
+    cpu = {k: round((cpu_seconds(pid) - cpu0[k]) / n, 5) for k, pid in servers.items()}
+    cpu["client"] = round((time.process_time() - c0) / n, 5)
     await client.close()
-    return {"req_s": len(latencies) / total, "latency_s": sum(latencies) / len(latencies)}
+    return {"req_s": n / total, "latency_s": sum(latencies) / n, "cpu_s_per_request": cpu}
 
 
 def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles) -> dict:
@@ -140,7 +154,8 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
             procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
                                  "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}"], cores[0]))
         extra = {**(FLASH if mode.endswith("router") else {}), "max_tiles": max_tiles}
-        return asyncio.run(load_test(port, urls, conc, tokens, extra))
+        names = ["server"] if mode == "coupled" else ["vision", "language"]
+        return asyncio.run(load_test(port, urls, conc, tokens, extra, {k: p.pid for k, p in zip(names, procs)}))
     finally:
         for p in procs:
             p.terminate()
@@ -240,6 +255,7 @@ def report(name: str, st: dict, res: dict) -> dict:
                              "dvd_router_over_coupled": round(a["dvd_router"] / res["coupled_2cores"]["req_s"], 3)},
         "transfer_share_of_latency": round(x / res["dvd"]["latency_s"], 4),
         "latency_s": {k: round(r["latency_s"], 3) for k, r in res.items()},
+        "cpu_s_per_request": {k: r["cpu_s_per_request"] for k, r in res.items()},
     }
     print(f"== {name} ==\n{json.dumps(lines, indent=2)}", flush=True)
     return lines

@@ -56,3 +56,18 @@ def test_hires_needs_tiling_and_styles_differ():
     a = np.asarray(generate("attributes", 0).images[0], dtype=float)
     b = np.asarray(generate("attributes", 0, Style(alt=True)).images[0], dtype=float)
     assert a.shape != b.shape or np.abs(a - b).mean() > 1
+
+
+def test_followups_are_about_the_same_scene():
+    text = generate("text", 4)
+    spelled = dict(text.followups)["Spell the text in the image letter by letter."]
+    assert spelled.replace(" ", "") == text.answer
+    counting = generate("counting", 9)
+    total = dict(counting.followups).get("How many objects are there in total?")
+    assert total is None or int(total) >= int(counting.answer)
+    ground = generate("grounding", 5)
+    for q, a in ground.followups:  # the other objects, each with its own box
+        assert q.endswith(a.split("<box>")[0]) and is_correct(Sample("grounding", q, a, meta={
+            "box": [int(x) for x in a.split("[[")[1].rstrip("]</box>").split(",")]}), a)
+    chart = generate("charts", 2)
+    assert len(chart.followups) >= 3 and all(a.isdigit() for _, a in chart.followups)

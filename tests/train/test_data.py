@@ -29,3 +29,17 @@ def test_jsonl_source_covers_every_record_each_pass(tmp_path, tokenizer):
     first, second = [answer(i) for i in range(3)], [answer(i) for i in range(3, 6)]
     assert sorted(first) == sorted(second) == sorted(answers)
     assert first == [answer(i) for i in range(3)]  # deterministic by index
+
+
+def test_world_followups_become_trained_turns(tokenizer):
+    import random
+
+    from internvl35.data.sft import tokenize_record, world_record
+
+    rec = world_record("text", 3, followups=True)
+    assert len(rec["conversations"]) == 2 * 4
+    ex = tokenize_record(rec, tokenizer, get_template("internvl2_5"), ImageSettings(112, 1, 16), random.Random(0))
+    trained = tokenizer.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE],
+                               skip_special_tokens=False)
+    assert trained.count("<|im_end|>") == 4
+    assert len(world_record("text", 3)["conversations"]) == 2

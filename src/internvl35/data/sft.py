@@ -110,13 +110,15 @@ def jsonl_records(path: Path) -> list[dict[str, Any]]:
 
 
 def world_record(family: str, seed: int, alt: bool = False, easy: bool = False,
-                 big_text: bool = False) -> dict[str, Any]:
-    """A mini-world sample as a conversation record (PIL images in memory)."""
+                 big_text: bool = False, followups: bool = False) -> dict[str, Any]:
+    """A mini-world sample as a conversation record (PIL images in memory); `followups` appends the
+    sample's further questions about the same images as more turns."""
     from internvl35.data.world import Style, generate
 
     s = generate(family, seed, Style(alt=alt, easy=easy, big_text=big_text))
-    rec: dict[str, Any] = {"conversations": [{"from": "human", "value": s.question},
-                                             {"from": "gpt", "value": s.answer}]}
+    turns = [(s.question, s.answer)] + (s.followups if followups else [])
+    rec: dict[str, Any] = {"conversations": [{"from": f, "value": v} for q, a in turns
+                                             for f, v in (("human", q), ("gpt", a))]}
     if s.video:
         rec["video"] = s.images
     elif s.images:

@@ -20,6 +20,7 @@ class DataSource:
     jpeg_augment: bool = False
     easy: bool = False  # world: curriculum scenes (one large object where the task allows)
     big_text: bool = False  # world: reading curriculum with large glyphs
+    followups: bool = False  # world: more questions about the same images as further turns
 
 
 @dataclass

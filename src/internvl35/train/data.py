@@ -58,7 +58,8 @@ class ExampleSource:
         rng, i, d, family = self._pick(idx)
         settings = replace(self.settings, jpeg_augment=True) if d.jpeg_augment else self.settings
         if d.source == "world":
-            record, root = world_record(family, rng.getrandbits(48), easy=d.easy, big_text=d.big_text), None
+            record, root = world_record(family, rng.getrandbits(48), easy=d.easy, big_text=d.big_text,
+                                        followups=d.followups), None
         elif d.source == "jsonl":
             records = self._records(i, d)
             epoch, k = divmod(idx, len(records))
@@ -113,5 +114,5 @@ def world_corpus(n_per_family: int = 400, seed: int = 12345) -> list[str]:
     for fam in FAMILIES:
         for i in range(n_per_family):
             s = generate(fam, seed + i)
-            texts += [s.question, s.answer]
+            texts += [s.question, s.answer] + [t for qa in s.followups for t in qa]
     return texts

@@ -23,6 +23,9 @@ class Sample:
     video: bool = False
     thinking: bool = False  # trained/evaluated with the thinking system prompt
     meta: dict[str, Any] = field(default_factory=dict)
+    # More (question, answer) turns about the same images: training may append them to the
+    # conversation (more supervision per image); evaluation asks `question` only.
+    followups: list[tuple[str, str]] = field(default_factory=list)
 
 
 def normalise(text: str) -> str:

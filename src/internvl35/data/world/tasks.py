@@ -61,13 +61,23 @@ def attributes(rng: random.Random, style: Style) -> Sample:
     img, _ = _scene(rng, style, objs)
     i = rng.randrange(len(objs))
     color, shape = objs[i]
+    more = _object_questions(objs)
     if rng.random() < 0.6 and shapes.count(shape) == 1:
         q = rng.choice(["What color is the {s}?", "What is the color of the {s}?", "Which color is the {s}?"])
-        return Sample("attributes", q.format(s=shape), color, [img])
+        return Sample("attributes", q.format(s=shape), color, [img], followups=more)
     if colors.count(color) == 1:
         q = rng.choice(["What shape is the {c} object?", "Which shape is {c}?", "What is the shape of the {c} object?"])
-        return Sample("attributes", q.format(c=color), shape, [img])
+        return Sample("attributes", q.format(c=color), shape, [img], followups=more)
     return attributes(rng, style)
+
+
+def _object_questions(objs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Colour of every shape and shape of every colour that is unique in the scene, and the total."""
+    shapes, colors = [s for _, s in objs], [c for c, _ in objs]
+    out = [(f"What color is the {s}?", c) for c, s in objs if shapes.count(s) == 1]
+    out += [(f"What shape is the {c} object?", s) for c, s in objs if colors.count(c) == 1]
+    n = len(objs)
+    return out + [("How many objects are there in total?", str(n))]
 
 
 def counting(rng: random.Random, style: Style) -> Sample:
@@ -87,7 +97,9 @@ def counting(rng: random.Random, style: Style) -> Sample:
         q = rng.choice(["How many {c} objects are there?", "Count the {c} objects."]).format(c=color)
     rng.shuffle(objs)
     img, _ = _scene(rng, style, objs, size_range=(12, 20), wh=_size(rng, 112, 140))
-    return Sample("counting", q, str(n), [img])
+    more = [(f"How many {s}s are there?", str(sum(o[1] == s for o in objs))) for s in SHAPES]
+    more += [("How many objects are there in total?", str(len(objs)))]
+    return Sample("counting", q, str(n), [img], followups=rng.sample(more, 3))
 
 
 def spatial(rng: random.Random, style: Style) -> Sample:
@@ -104,7 +116,12 @@ def spatial(rng: random.Random, style: Style) -> Sample:
     truth = {"left": d > 0, "right": d < 0, "above": d > 0, "below": d < 0}[rel]
     phrase = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[rel]
     q = f"Is the {c1} {s1} {phrase} the {c2} {s2}?"
-    return Sample("spatial", q, "Yes" if truth else "No", [img])
+    opposite = {"left": "to the right of", "right": "to the left of", "above": "below", "below": "above"}[rel]
+    more = [(f"Is the {c2} {s2} {phrase} the {c1} {s1}?", "No" if truth else "Yes"),
+            (f"Is the {c1} {s1} {opposite} the {c2} {s2}?", "No" if truth else "Yes"),
+            (f"Which object is more to the {'left' if axis == 'x' else 'top'}?",
+             f"the {c1} {s1}" if d > 0 else f"the {c2} {s2}")]
+    return Sample("spatial", q, "Yes" if truth else "No", [img], followups=more)
 
 
 def _word(rng: random.Random) -> str:
@@ -127,21 +144,29 @@ def text(rng: random.Random, style: Style) -> Sample:
         if box:
             draw_shape(img, rng.choice(SHAPES), rng.choice(COLOR_NAMES), box[0], rng, style)
     q = rng.choice(["What is written in the image?", "Read the text in the image.", "What word is shown?"])
-    return Sample("text", q, word, [img])
+    return Sample("text", q, word, [img], followups=_spelling(word))
+
+
+def _spelling(word: str) -> list[tuple[str, str]]:
+    """Character-level questions: a word is usually one token, its glyphs are several."""
+    return [("Spell the text in the image letter by letter.", " ".join(word)),
+            ("What is the first character of the text?", word[0]),
+            ("How many characters does the text have?", str(len(word)))]
 
 
 def grounding(rng: random.Random, style: Style) -> Sample:
     objs = _objects(rng, _count(rng, style, 1, 3))
     img, boxes = _scene(rng, style, objs, size_range=(18, 40))
-    i = rng.randrange(len(objs))
-    color, shape = objs[i]
     w, h = img.size
-    b = boxes[i]
-    box = [round(b[0] * 1000 / w), round(b[1] * 1000 / h), round(b[2] * 1000 / w), round(b[3] * 1000 / h)]
-    ref = f"<ref>the {color} {shape}</ref>"
-    q = f"Please provide the bounding box coordinate of the region this sentence describes: {ref}"
-    return Sample("grounding", q, f"{ref}<box>[[{box[0]}, {box[1]}, {box[2]}, {box[3]}]]</box>", [img],
-                  meta={"box": box})
+    qa = []
+    for (color, shape), b in zip(objs, boxes):
+        box = [round(b[0] * 1000 / w), round(b[1] * 1000 / h), round(b[2] * 1000 / w), round(b[3] * 1000 / h)]
+        ref = f"<ref>the {color} {shape}</ref>"
+        q = f"Please provide the bounding box coordinate of the region this sentence describes: {ref}"
+        qa.append((q, f"{ref}<box>[[{box[0]}, {box[1]}, {box[2]}, {box[3]}]]</box>", box))
+    i = rng.randrange(len(objs))
+    q, a, box = qa.pop(i)
+    return Sample("grounding", q, a, [img], meta={"box": box}, followups=[(q2, a2) for q2, a2, _ in qa])
 
 
 def hires(rng: random.Random, style: Style) -> Sample:
@@ -159,7 +184,7 @@ def hires(rng: random.Random, style: Style) -> Sample:
     tw, th = text_size(word, size, fname)
     draw_text(img, word, (rng.randint(2, w - tw - 4), rng.randint(0, h - th - 8)), size, fname)
     q = rng.choice(["What is the small word in the image?", "Read the small text in the image."])
-    return Sample("hires", q, word, [img])
+    return Sample("hires", q, word, [img], followups=_spelling(word)[:1])
 
 
 def charts(rng: random.Random, style: Style) -> Sample:
@@ -180,15 +205,16 @@ def charts(rng: random.Random, style: Style) -> Sample:
         draw_bar(img, (x, base - v * unit, x + bw - 6, base), color)
         draw_text(img, lab, (x + (bw - 6) // 2 - 3, base + 2), 11, fname)
     kind = rng.random()
+    more = [(f"What is the value of bar {lab}?", str(v)) for lab, v in zip(labels, values)]
     if kind < 0.5:
         i = rng.randrange(n)
-        return Sample("charts", rng.choice(["What is the value of bar {l}?", "How tall is bar {l}?"]).format(l=labels[i]),
-                      str(values[i]), [img])
+        q = rng.choice(["What is the value of bar {l}?", "How tall is bar {l}?"]).format(l=labels[i])
+        return Sample("charts", q, str(values[i]), [img], followups=more)
     best = max(values) if kind < 0.8 else min(values)
     if values.count(best) > 1:
         return charts(rng, style)
     word = "largest" if kind < 0.8 else "smallest"
-    return Sample("charts", f"Which bar is the {word}?", labels[values.index(best)], [img])
+    return Sample("charts", f"Which bar is the {word}?", labels[values.index(best)], [img], followups=more)
 
 
 def multi_image(rng: random.Random, style: Style) -> Sample:
