@@ -160,6 +160,18 @@ def dense_step(warmup: DenseWarmup, source: ExampleSource, start: int, tiles: in
                       samples=nxt - start, flops=6 * vit_params * x.shape[0] * (y.shape[1] + 1))
 
 
+def stage_module(model: InternVLModel, stage: Stage, d: Dist, seed: int) -> nn.Module:
+    """What a stage trains: the (sharded) model, or for a dense stage the ViT with its label heads."""
+    if stage.objective not in ("lm", "dense"):
+        raise ValueError(f"stage {stage.name!r}: unknown objective {stage.objective!r} (use 'lm' or 'dense')")
+    freeze(model, stage.freeze)
+    if stage.objective == "lm":
+        return parallelize(model, d)
+    if getattr(model, "_fsdp_applied", False):
+        raise ValueError("with several processes, dense stages must come before the language stages")
+    return DenseWarmup(model.vision_model, model.cfg.vision.hidden_size, model.cfg.select_layer, seed)
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Run every stage of `cfg`; returns the final checkpoint directory."""
     d = Dist.init()
@@ -190,15 +202,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     for si in range(state["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
         dense = stage.objective == "dense"
-        if stage.objective not in ("lm", "dense"):
-            raise ValueError(f"stage {stage.name!r}: unknown objective {stage.objective!r} (use 'lm' or 'dense')")
-        freeze(model, stage.freeze)
-        if dense:
-            if getattr(model, "_fsdp_applied", False):
-                raise ValueError("with several processes, dense stages must come before the language stages")
-            wrapped = DenseWarmup(model.vision_model, model.cfg.vision.hidden_size, model.cfg.select_layer, cfg.seed)
-        else:
-            wrapped = parallelize(model, d)
+        wrapped = stage_module(model, stage, d, cfg.seed)
         opt, sched = make_optimizer(wrapped, stage, cfg)
         if blobs is not None and state["stage_step"] > 0:
             # mid-stage: continue the stage's optimizer; at a stage boundary the new stage starts
