@@ -7,7 +7,9 @@ from PIL import Image
 from internvl35.data.sft import IGNORE, ImageSettings
 from internvl35.data.template import get_template
 from internvl35.train.config import DataSource, Stage
-from internvl35.train.data import ExampleSource
+from internvl35.config import CONFIGS
+from internvl35.data.tokenizer import train_bpe
+from internvl35.train.data import ExampleSource, world_corpus
 
 
 def test_jsonl_source_covers_every_record_each_pass(tmp_path, tokenizer):
@@ -43,3 +45,11 @@ def test_world_followups_become_trained_turns(tokenizer):
                                skip_special_tokens=False)
     assert trained.count("<|im_end|>") == 4
     assert len(world_record("text", 3)["conversations"]) == 2
+
+
+def test_world_tokenizer_keeps_the_prompt_header_short():
+    """Every example repeats the system message and role names, so the world's BPE must learn them
+    as whole tokens (weighted by frequency they are; trained once each they were 33 tokens)."""
+    tok = train_bpe(world_corpus(n_per_family=40), 1024)
+    assert len(tok.encode("assistant\n")) <= 2
+    assert len(tok.encode("system\n" + CONFIGS["mini"].system_message)) <= 9

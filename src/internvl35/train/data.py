@@ -107,10 +107,14 @@ class ExampleSource:
 
 def world_corpus(n_per_family: int = 400, seed: int = 12345) -> list[str]:
     """Text of the mini world (questions, answers, templates) to train its tokenizer on."""
+    from internvl35.config import CONFIGS
     from internvl35.data.template import DEFAULT_SYSTEM, THINKING_SYSTEM
     from internvl35.data.world import FAMILIES, generate
 
-    texts = [DEFAULT_SYSTEM, THINKING_SYSTEM, "system\n", "user\n", "assistant\n"]
+    # Every example carries the system message and the role names: weighting them by that frequency
+    # makes them a few tokens each (unweighted, "assistant" was 6 tokens and the prompt header 33).
+    texts = [DEFAULT_SYSTEM] + [CONFIGS["mini"].system_message, "system\n", "user\n", "assistant\n"] * (
+        n_per_family * len(FAMILIES)) + [THINKING_SYSTEM] * n_per_family
     for fam in FAMILIES:
         for i in range(n_per_family):
             s = generate(fam, seed + i)
