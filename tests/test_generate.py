@@ -68,3 +68,17 @@ def test_thinking_uses_reasoning_system_prompt(tiny_ckpt):
     m = internvl35.load(tiny_ckpt)
     assert "<think>" in m.build_prompt("2+2?", thinking=True).text
     assert "<think>" not in m.build_prompt("2+2?").text
+
+
+def test_compiled_decode_matches_eager(tiny_ckpt, image):
+    """The torch.compile decode step (static shapes, masked full-length cache) gives the eager tokens,
+    also for a left-padded batch and across two prompt lengths sharing one cache bucket."""
+    from torch._dynamo.utils import counters
+    eager, compiled = internvl35.load(tiny_ckpt), internvl35.load(tiny_ckpt, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    q = ["Describe the image.", "What color is the circle in this picture?"]
+    assert compiled.chat(q[0], [image], max_new_tokens=10) == eager.chat(q[0], [image], max_new_tokens=10)
+    assert compiled.chat(q[1], [image], max_new_tokens=10) == eager.chat(q[1], [image], max_new_tokens=10)
+    assert compiled.batch_chat(q, [[image], []], max_new_tokens=8) == eager.batch_chat(q, [[image], []],
+                                                                                       max_new_tokens=8)
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps did go through torch.compile

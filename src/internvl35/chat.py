@@ -43,8 +43,10 @@ class Prompt:
 
 
 class ChatModel:
-    def __init__(self, model: InternVLModel, tokenizer: Tokenizer, fmt: str = "custom", path: Path | None = None):
+    def __init__(self, model: InternVLModel, tokenizer: Tokenizer, fmt: str = "custom", path: Path | None = None,
+                 compile: bool = False):
         self.model, self.tokenizer, self.format, self.path = model, tokenizer, fmt, path
+        self.compile = compile  # decode steps through torch.compile (see `generate_stream`)
         self.cfg: ModelConfig = model.cfg
         self.template = get_template(self.cfg.template)
         model.image_token_id = tokenizer.img_context_id
@@ -154,7 +156,8 @@ class ChatModel:
         ids, feats = self.encode(prompt, flash)
         out: list[int] = []
         sent = ""
-        for step in generate_stream(self.model, [ids], params, self.stop_ids, feats, self.tokenizer.pad_id):
+        for step in generate_stream(self.model, [ids], params, self.stop_ids, feats, self.tokenizer.pad_id,
+                                    self.compile):
             tok = step[0]
             if tok is None or tok in self.stop_ids:
                 break
@@ -213,7 +216,7 @@ class ChatModel:
         feats = [f for _, f in encoded if f is not None]
         outs: list[list[int]] = [[] for _ in prompts]
         for step in generate_stream(self.model, [ids for ids, _ in encoded], params, self.stop_ids,
-                                    torch.cat(feats) if feats else None, self.tokenizer.pad_id):
+                                    torch.cat(feats) if feats else None, self.tokenizer.pad_id, self.compile):
             for i, tok in enumerate(step):
                 if tok is not None and tok not in self.stop_ids:
                     outs[i].append(tok)
@@ -231,12 +234,13 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu", part: str = "all") -> ChatModel:
+         device: str | torch.device = "cpu", part: str = "all", compile: bool = False) -> ChatModel:
     """Load a checkpoint directory of either format (auto-detected), or "mini", for inference;
-    `part="vision"` / `"language"` loads one side only (decoupled serving)."""
+    `part="vision"` / `"language"` loads one side only (decoupled serving); `compile` decodes with
+    torch.compile (a one-time compile per batch size and length bucket, then faster steps)."""
     path = resolve_path(path_or_preset)
     cfg, fmt = config_from_dict(read_config_json(path), name=path.name)
     tokenizer = Tokenizer.from_dir(path)
     model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
     fuse_projections_(model)
-    return ChatModel(model, tokenizer, fmt, path)
+    return ChatModel(model, tokenizer, fmt, path, compile)

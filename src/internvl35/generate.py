@@ -9,20 +9,27 @@ import torch
 
 from internvl35.models.internvl import InternVLModel
 from internvl35.models.layers import attention
+from internvl35.models.qwen3 import fused_projections_intact
 from internvl35.sampling import SamplingParams, sample_next
 
 
 class StaticKVCache:
-    """Preallocated K/V [layers, B, K, S, Dh]; slots fill left to right, `valid` marks real tokens."""
+    """Preallocated K/V, one [B, K, S, Dh] pair per layer; slots fill left to right, `valid` marks
+    real tokens. Eager steps attend over the filled prefix; a compiled decode step (static shapes)
+    attends over every slot with the unfilled ones masked."""
 
     def __init__(self, model: InternVLModel, batch: int, max_len: int) -> None:
         t = model.cfg.text
         p = model.language_model.model.embed_tokens.weight
-        shape = (t.num_layers, batch, t.num_kv_heads, max_len, t.head_dim)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        shape = (batch, t.num_kv_heads, max_len, t.head_dim)
+        # Separate tensors per layer: a compiled step writing into one slice of a shared tensor
+        # would copy the whole tensor.
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)
         self.length, self._step, self._mask, self._causal = 0, 0, None, False
+        self._slots = torch.zeros(0, dtype=torch.long, device=p.device)
+        self._slot_mask = self.valid[:, None, None, :]  # a view: the compiled step's mask, filled slots
 
     def begin(self, valid_new: torch.Tensor) -> None:
         """Declare the next forward's tokens: valid_new [B, L] (False = padding)."""
@@ -31,6 +38,7 @@ class StaticKVCache:
             raise ValueError(f"KV cache holds {self.valid.shape[1]} tokens, {s + L} requested")
         self.valid[:, s:s + L] = valid_new
         self._step = L
+        self._slots = torch.arange(s, s + L, device=valid_new.device)
         if bool(self.valid[:, :s + L].all()) and (s == 0 or L == 1):
             self._mask, self._causal = None, L > 1  # plain causal attention, no mask tensor needed
             return
@@ -40,24 +48,38 @@ class StaticKVCache:
         self._mask, self._causal = mask[:, None], False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s, L = self.length, k.shape[2]
-        self.k[layer, :, :, s:s + L] = k
-        self.v[layer, :, :, s:s + L] = v
-        keys, values = self.k[layer, :, :, :s + L], self.v[layer, :, :, :s + L]
-        return attention(q, keys, values, causal=self._causal, mask=self._mask)
+        keys, values = self.k[layer], self.v[layer]
+        keys.index_copy_(2, self._slots, k)
+        values.index_copy_(2, self._slots, v)
+        if torch.compiler.is_compiling():  # one token per row; every slot, so shapes never change
+            return attention(q, keys, values, causal=False, mask=self._slot_mask)
+        n = self.length + self._step
+        return attention(q, keys[:, :, :n], values[:, :, :n], causal=self._causal, mask=self._mask)
 
     def end(self) -> None:
         self.length += self._step
 
 
+def _decode_step(model: InternVLModel, ids: torch.Tensor, positions: torch.Tensor,
+                 cache: StaticKVCache) -> torch.Tensor:
+    return model(ids, positions=positions, cache=cache, last_only=True)
+
+
+# gpt-fast style: the whole one-token step as one graph. The matvecs stay the eager kernels (an
+# opaque op); the gain is the ~70 small ops per layer fused into a few kernels.
+_compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+CACHE_BUCKET = 256  # compiled steps round the cache length up to this, so prompts share graphs
+
+
 @torch.inference_mode()
 def generate_stream(model: InternVLModel, prompts: list[list[int]], params: SamplingParams,
                     stop_ids: set[int], image_features: torch.Tensor | None = None,
-                    pad_id: int = 0) -> Iterator[list[int | None]]:
+                    pad_id: int = 0, compile: bool = False) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (None once that prompt has stopped).
 
     `image_features` [M, D] fill the <IMG_CONTEXT> slots of all prompts in order. A stop token is
-    yielded, then the row is finished.
+    yielded, then the row is finished. `compile` runs the decode steps through torch.compile (the
+    first call per batch size and cache bucket compiles; the prefill stays eager).
     """
     B, Lmax = len(prompts), max(len(p) for p in prompts)
     device = model.language_model.model.embed_tokens.weight.device
@@ -67,7 +89,13 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
         ids[i, Lmax - len(p):] = torch.tensor(p, device=device)
         valid[i, Lmax - len(p):] = True
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = StaticKVCache(model, B, Lmax + params.max_new_tokens)
+    max_len = Lmax + params.max_new_tokens
+    if compile:
+        if not fused_projections_intact(model):
+            raise ValueError("compiled decoding needs the fused projections of `fuse_projections_` intact")
+        max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+    step_fn = _compiled_decode_step if compile else _decode_step
+    cache = StaticKVCache(model, B, max_len)
     gen = None
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
@@ -85,5 +113,5 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
         seen = torch.cat([seen, nxt[:, None]], dim=1)
         positions = positions[:, -1:] + 1
         cache.begin(torch.ones(B, 1, dtype=torch.bool, device=device))
-        logits = model(nxt[:, None], positions=positions, cache=cache, last_only=True)
+        logits = step_fn(model, nxt[:, None], positions, cache)
         cache.end()

@@ -58,18 +58,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """The intra-op thread count; a constant inside a compiled graph (reading it would break it)."""
+    return torch.get_num_threads()
+
+
+def _row_split_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] -> [..., N] as a batched matvec over row blocks."""
+    n = _threads()
+    # Row form [n, 1, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
+    # same product measured 5x slower).
+    w = weight.view(n, weight.shape[0] // n, weight.shape[1]).transpose(1, 2)
+    return torch.bmm(x.reshape(1, 1, -1).expand(n, -1, -1), w).reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+@torch.library.custom_op("internvl35::row_split_matvec", mutates_args=())
+def _row_split_matvec_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The same product, opaque to torch.compile (inductor would rewrite the bmm into a weight copy)."""
+    return _row_split_matvec(x, weight)
+
+
+@_row_split_matvec_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a single-row product on a multi-threaded CPU (the decode step) runs as a
     batched matvec over `threads` row blocks of the weight (a free view). MKL's sgemv uses one core
     for it: measured on 2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37 GB/s."""
-    n = torch.get_num_threads()
+    n = _threads()
     if (n == 1 or x.device.type != "cpu" or x.numel() != x.shape[-1] or weight.shape[0] % n
             or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
-    # Row form [n, 1, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
-    # same product measured 5x slower).
-    w = weight.view(n, weight.shape[0] // n, weight.shape[1]).transpose(1, 2)
-    out = torch.bmm(x.reshape(1, 1, -1).expand(n, -1, -1), w).reshape(x.shape[:-1] + (weight.shape[0],))
+    compiling = torch.compiler.is_compiling()
+    out = (_row_split_matvec_op if compiling else _row_split_matvec)(x, weight)
     return out if bias is None else out + bias
 
 
@@ -89,6 +113,15 @@ class FusedLinears:
             for m, row, n in zip(mods, self.offsets, self.sizes):
                 getattr(m, name).data = buffer[row:row + n]
 
+    def fused(self) -> bool:
+        """Whether the parameters are still rows of one buffer each."""
+        return all(self._buffer(n) is not None for n in (("weight", "bias") if self.has_bias else ("weight",)))
+
+    def _view(self, name: str) -> torch.Tensor | None:
+        """The whole buffer as a strided view of the first module's parameter (traceable)."""
+        first = getattr(self.mods[0], name)
+        return None if first is None else first.as_strided((sum(self.sizes), *first.shape[1:]), first.stride())
+
     def _buffer(self, name: str) -> torch.Tensor | None:
         """The fused buffer behind every module's `name` parameter, or None if they no longer share it."""
         params = [getattr(m, name) for m in self.mods]
@@ -101,6 +134,10 @@ class FusedLinears:
         return first.new_empty(0).set_(first.untyped_storage(), 0, (rows, *first.shape[1:]))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # Storage checks cannot be traced: a compiled caller checks `fused()` eagerly first.
+            w, b = (self._view(name) for name in ("weight", "bias"))
+            return list(linear(x, w, b if self.has_bias else None).split(self.sizes, -1))
         if not torch.is_grad_enabled():  # training: every parameter needs its own gradient
             weight = self._buffer("weight")
             bias = self._buffer("bias") if self.has_bias else None

@@ -105,6 +105,12 @@ def fuse_projections_(model: nn.Module) -> None:
             m.gate_up = FusedLinears([m.gate_proj, m.up_proj])
 
 
+def fused_projections_intact(model: nn.Module) -> bool:
+    """Whether every fused q/k/v and gate/up still reads one buffer (a compiled step assumes it)."""
+    return all(f.fused() for m in model.modules() for f in (getattr(m, "qkv", None), getattr(m, "gate_up", None))
+               if isinstance(f, FusedLinears))
+
+
 class Qwen3ForCausalLM(nn.Module):
     """`model` + `lm_head`; with tied embeddings the head reuses `model.embed_tokens.weight`."""
 
