@@ -149,10 +149,12 @@ def main() -> None:
         r["bound"] = (bw0 + memory_bandwidth()) / 2 / nbytes
         rounds.append(r)
         print({k: round(v, 2) for k, v in r.items()}, flush=True)
-    med = lambda f: statistics.median(f(r) for r in rounds)  # noqa: E731
+    def med(num: str, den: str | None = None) -> float:
+        return statistics.median(r[num] / (r[den] if den else 1.0) for r in rounds)
+
     names = ("eager", "compiled", "transformers")
-    d = {k: med(lambda r: r[k]) for k in names + ("bound",)}
-    frac = {k: med(lambda r: r[k] / r["bound"]) for k in names}
+    d = {k: med(k) for k in names + ("bound",)}
+    frac = {k: med(k, "bound") for k in names}
     res = {
         "prompt_tokens": L, "matmul_peak_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
         "prefill_tok_s": {"internvl35": L / t_ours, "transformers": L / t_hf},
@@ -162,8 +164,8 @@ def main() -> None:
         "decode_frac_of_bound": {"internvl35": frac["eager"], "internvl35_compiled": frac["compiled"],
                                  "transformers": frac["transformers"]},
         "decode_compile_s": compile_s,
-        "speedup": {"prefill": t_hf / t_ours, "decode": med(lambda r: r["eager"] / r["transformers"]),
-                    "decode_compiled": med(lambda r: r["compiled"] / r["transformers"])},
+        "speedup": {"prefill": t_hf / t_ours, "decode": med("eager", "transformers"),
+                    "decode_compiled": med("compiled", "transformers")},
         "load_rss_over_weights": rss["rss_peak"] / rss["weights"],
         "load_rss_minus_import_over_weights": (rss["rss_peak"] - rss["rss_base"]) / rss["weights"],
         "weights_gb": rss["weights"] / 1e9,
