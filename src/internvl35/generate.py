@@ -65,8 +65,9 @@ def _decode_step(model: InternVLModel, ids: torch.Tensor, positions: torch.Tenso
     return model(ids, positions=positions, cache=cache, last_only=True)
 
 
-# gpt-fast style: the whole one-token step as one graph. The matvecs stay the eager kernels (an
-# opaque op); the gain is the ~70 small ops per layer fused into a few kernels.
+# gpt-fast style: the whole one-token step as one graph. Inductor's matvec loops stream the weights
+# as fast as the eager split; the gain is the ~70 small ops per layer fused into a few kernels
+# (1B on 2 cores: 60% -> 69% of the bandwidth bound).
 _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
 CACHE_BUCKET = 256  # compiled steps round the cache length up to this, so prompts share graphs
 
