@@ -32,6 +32,15 @@ def test_jsonl_source_covers_every_record_each_pass(tmp_path, tokenizer):
     assert sorted(first) == sorted(second) == sorted(answers)
     assert first == [answer(i) for i in range(3)]  # deterministic by index
 
+    # Mixed with a world source, the JSONL source still makes exact passes over its own draws.
+    stage.data.append(DataSource(source="world", families={"text_only": 1.0}))
+    src = ExampleSource(stage, tokenizer, get_template("internvl2_5"), ImageSettings(112, 1, 16), seed=0)
+    drawn = [answer(i) for i in range(40) if src._pick(i)[1] == 0]
+    assert len(drawn) >= 9
+    for p in range(len(drawn) // 3):
+        assert sorted(drawn[3 * p:3 * p + 3]) == sorted(answers)
+    assert answer(next(i for i in range(40) if src._pick(i)[1] == 0)) == drawn[0]  # read backwards: same
+
 
 def test_world_followups_become_trained_turns(tokenizer):
     import random

@@ -28,6 +28,7 @@ class ExampleSource:
         self.weights = [d.weight for d in self.sources]
         self._jsonl: dict[int, list] = {}
         self._order: dict[tuple[int, int], list[int]] = {}  # (source, epoch) -> shuffled record order
+        self._scanned, self._counts = 0, [0] * len(self.sources)  # examples 0.._scanned-1 counted per source
 
     def _records(self, i: int, d: DataSource) -> list:
         if i not in self._jsonl:
@@ -42,10 +43,24 @@ class ExampleSource:
             self._order = {(i, epoch): order, **{k: v for k, v in self._order.items() if k[0] != i}}
         return self._order[(i, epoch)]
 
+    def _source(self, idx: int) -> tuple[random.Random, int]:
+        rng = random.Random(f"{self.seed}:{self.stage.name}:{idx}")
+        return rng, rng.choices(range(len(self.sources)), self.weights)[0]
+
+    def _position(self, idx: int, i: int) -> int:
+        """How many earlier examples drew source `i`: a JSONL source's own counter, so that each of its
+        passes is an exact permutation however the sources are mixed. Examples are read in order, so
+        the scan is incremental (reading backwards rescans from 0)."""
+        if idx < self._scanned:
+            self._scanned, self._counts = 0, [0] * len(self.sources)
+        for j in range(self._scanned, idx):
+            self._counts[self._source(j)[1]] += 1
+        self._scanned = idx
+        return self._counts[i]
+
     def _pick(self, idx: int) -> tuple[random.Random, int, DataSource, str | None]:
         """The example's RNG, source (index and spec) and, for the world, its task family."""
-        rng = random.Random(f"{self.seed}:{self.stage.name}:{idx}")
-        i = rng.choices(range(len(self.sources)), self.weights)[0]
+        rng, i = self._source(idx)
         d = self.sources[i]
         family = None
         if d.source == "world":
@@ -62,7 +77,7 @@ class ExampleSource:
                                         followups=d.followups), None
         elif d.source == "jsonl":
             records = self._records(i, d)
-            epoch, k = divmod(idx, len(records))
+            epoch, k = divmod(self._position(idx, i) if len(self.sources) > 1 else idx, len(records))
             record, root = records[self._epoch_order(i, d, epoch)[k]], Path(d.root) if d.root else Path(d.path).parent
         else:
             raise ValueError(f"unknown data source {d.source!r} (use 'world' or 'jsonl')")
