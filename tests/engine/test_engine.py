@@ -84,9 +84,15 @@ def test_sampling_with_seed_matches_chat_and_stop_strings(mini):
     params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=3)
     engine = LLMEngine(mini)
     assert engine.generate([prompt], params)[0] == chat_ids(mini, prompt, params)
-    # a stop string ends the output before it, and streaming never shows a part of it
-    full = mini.tokenizer.decode(chat_ids(mini, prompt, SamplingParams(max_new_tokens=12)))
+    # a stop string ends the output before it, and streaming never shows a part of it; the prompt is
+    # the first whose greedy answer is long enough to cut inside (the answers depend on the weights)
+    for seed in range(2**48 + 7, 2**48 + 40):
+        prompt = mini.build_prompt(generate("text_only", seed).question)
+        full = mini.tokenizer.decode(chat_ids(mini, prompt, SamplingParams(max_new_tokens=12)))
+        if len(full.strip()) >= 5:
+            break
     stop = full.strip()[2:4]
+    assert len(stop) == 2
     engine.add_request("r", prompt, SamplingParams(max_new_tokens=12), stop=(stop,))
     outs = []
     while engine.has_unfinished():
