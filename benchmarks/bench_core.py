@@ -149,6 +149,7 @@ def main() -> None:
         r["bound"] = (bw0 + memory_bandwidth()) / 2 / nbytes
         rounds.append(r)
         print({k: round(v, 2) for k, v in r.items()}, flush=True)
+
     def med(num: str, den: str | None = None) -> float:
         return statistics.median(r[num] / (r[den] if den else 1.0) for r in rounds)
 

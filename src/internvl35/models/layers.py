@@ -104,41 +104,44 @@ class FusedLinears:
         self.mods, self.sizes = mods, [m.weight.shape[0] for m in mods]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
         self.has_bias = mods[0].bias is not None
-        for name in ("weight", "bias") if self.has_bias else ("weight",):
+        for name in self._names:
             buffer = torch.cat([getattr(m, name).detach() for m in mods])
             for m, row, n in zip(mods, self.offsets, self.sizes):
                 getattr(m, name).data = buffer[row:row + n]
 
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.has_bias else ("weight",)
+
     def fused(self) -> bool:
         """Whether the parameters are still rows of one buffer each."""
-        return all(self._buffer(n) is not None for n in (("weight", "bias") if self.has_bias else ("weight",)))
+        return all(self._buffer(n) is not None for n in self._names)
 
-    def _view(self, name: str) -> torch.Tensor | None:
-        """The whole buffer as a strided view of the first module's parameter (traceable)."""
+    def _view(self, name: str) -> torch.Tensor:
+        """The whole buffer, as a strided view of the first module's parameter (traceable)."""
         first = getattr(self.mods[0], name)
-        return None if first is None else first.as_strided((sum(self.sizes), *first.shape[1:]), first.stride())
+        return first.as_strided((sum(self.sizes), *first.shape[1:]), first.stride())
 
     def _buffer(self, name: str) -> torch.Tensor | None:
         """The fused buffer behind every module's `name` parameter, or None if they no longer share it."""
         params = [getattr(m, name) for m in self.mods]
         first = params[0]
         row_bytes = first[0].numel() * first.element_size()
-        rows = sum(self.sizes)
-        if first.storage_offset() or first.untyped_storage().nbytes() != rows * row_bytes or any(
+        if first.storage_offset() or first.untyped_storage().nbytes() != sum(self.sizes) * row_bytes or any(
                 p.data_ptr() != first.data_ptr() + row * row_bytes for p, row in zip(params, self.offsets)):
             return None
-        return first.new_empty(0).set_(first.untyped_storage(), 0, (rows, *first.shape[1:]))
+        return self._view(name)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if torch.compiler.is_compiling():
             # Storage checks cannot be traced: a compiled caller checks `fused()` eagerly first.
-            w, b = (self._view(name) for name in ("weight", "bias"))
-            return list(linear(x, w, b if self.has_bias else None).split(self.sizes, -1))
-        if not torch.is_grad_enabled():  # training: every parameter needs its own gradient
-            weight = self._buffer("weight")
-            bias = self._buffer("bias") if self.has_bias else None
-            if weight is not None and (bias is not None or not self.has_bias):
-                return list(linear(x, weight, bias).split(self.sizes, -1))
+            buffers = [self._view(n) for n in self._names]
+        elif not torch.is_grad_enabled():  # training: every parameter needs its own gradient
+            buffers = [self._buffer(n) for n in self._names]
+        else:
+            buffers = [None]
+        if all(b is not None for b in buffers):
+            return list(linear(x, *buffers).split(self.sizes, -1))
         return [m(x) for m in self.mods]
 
 

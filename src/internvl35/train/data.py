@@ -77,7 +77,7 @@ class ExampleSource:
                                         followups=d.followups), None
         elif d.source == "jsonl":
             records = self._records(i, d)
-            epoch, k = divmod(self._position(idx, i) if len(self.sources) > 1 else idx, len(records))
+            epoch, k = divmod(self._position(idx, i), len(records))
             record, root = records[self._epoch_order(i, d, epoch)[k]], Path(d.root) if d.root else Path(d.path).parent
         else:
             raise ValueError(f"unknown data source {d.source!r} (use 'world' or 'jsonl')")
