@@ -4,7 +4,7 @@ For N multimodal requests (mini-world images: 1-tile scenes, multi-tile high-res
 multi-image prompts) at concurrency 1 / 8 / 32, both systems produce exactly `--max-tokens` tokens
 per request (end-of-sequence ignored) from the same preprocessed prompts. The engine keeps
 `concurrency` requests in flight (a new one enters as soon as one finishes); transformers runs
-left-padded batches of `concurrency` requests. Reported side by side in one run: request
+left-padded batches of `concurrency` requests. Reported side by side in one run (medians of alternating rounds): request
 throughput, mean TTFT, mean time per output token, and the engine / transformers throughput ratio.
 
     .venv/bin/python benchmarks/bench_serve.py                 # mini
@@ -69,6 +69,11 @@ def summarize(start: dict, first: dict, end: dict, total: float, outs: list[list
             "tpot_s": sum((end[i] - first[i]) / max(len(outs[i]) - 1, 1) for i in end) / n}
 
 
+def median_row(rows: list[dict]) -> dict:
+    """Per-metric medians over rounds."""
+    return {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in rows[0]}
+
+
 def run_engine(cm, prompts: list, conc: int, tokens: int, ignore_eos: bool, kv_gb: float) -> tuple[dict, list]:
     engine = LLMEngine(cm, EngineConfig(kv_cache_bytes=int(kv_gb * 2**30)))
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
@@ -77,11 +82,14 @@ def run_engine(cm, prompts: list, conc: int, tokens: int, ignore_eos: bool, kv_g
     t0 = time.perf_counter()
     inflight = 0
     while todo or engine.has_unfinished():
-        while todo and inflight < conc:
-            i = todo.popleft()
-            start[i] = time.perf_counter()
-            engine.add_request(str(i), prompts[i], params)
-            inflight += 1
+        new = []
+        while todo and inflight + len(new) < conc:
+            new.append(todo.popleft())
+            start[new[-1]] = time.perf_counter()
+        # as the server does with the requests that arrived since the last step: one ViT pass
+        for i, enc in zip(new, engine.encode_batch([(prompts[i], None) for i in new])):
+            engine.add_request(str(i), enc, params)
+        inflight += len(new)
         for o in engine.step():
             i, now = int(o.request_id), time.perf_counter()
             first.setdefault(i, now)
@@ -149,6 +157,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ignore-eos", action="store_true", help="every request generates exactly --max-tokens")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating engine/transformers rounds (medians)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="the engine's KV cache")
     args = ap.parse_args()
@@ -166,16 +175,24 @@ def main() -> None:
           f"tokens, {limit} output tokens each, {args.threads} threads", flush=True)
     rows = {}
     for c in args.concurrency:
-        ours, ours_out = run_engine(cm, prompts, c, args.max_tokens, args.ignore_eos, args.kv_cache_gb)
-        stop = cm.tokenizer.im_end_id
-        theirs, hf_out = run_transformers(hf, cm.tokenizer.pad_id, stop, prompts, c, args.max_tokens, args.ignore_eos)
+        # alternating rounds, medians: this machine's speed drifts by tens of percent within minutes
+        rounds = []
+        for _ in range(args.rounds):
+            ours, ours_out = run_engine(cm, prompts, c, args.max_tokens, args.ignore_eos, args.kv_cache_gb)
+            stop = cm.tokenizer.im_end_id
+            theirs, hf_out = run_transformers(hf, cm.tokenizer.pad_id, stop, prompts, c, args.max_tokens,
+                                              args.ignore_eos)
+            rounds.append((ours, theirs))
         same = sum(agree(a, b, cm.stop_ids) for a, b in zip(ours_out, hf_out))
-        rows[c] = {"internvl35": ours, "transformers": theirs, "throughput_ratio": ours["req_s"] / theirs["req_s"],
-                   "identical_outputs": f"{same}/{len(prompts)}"}
+        ours, theirs = (median_row([r[i] for r in rounds]) for i in (0, 1))
+        ratios = sorted(a["req_s"] / b["req_s"] for a, b in rounds)
+        rows[c] = {"internvl35": ours, "transformers": theirs, "throughput_ratio": ratios[len(ratios) // 2],
+                   "ratio_per_round": [round(r, 3) for r in ratios], "identical_outputs": f"{same}/{len(prompts)}"}
         print(f"concurrency {c:>3}: engine {ours['req_s']:.2f} req/s (TTFT {ours['ttft_s']:.3f} s, "
               f"TPOT {ours['tpot_s'] * 1e3:.1f} ms) | transformers {theirs['req_s']:.2f} req/s "
               f"(TTFT {theirs['ttft_s']:.3f} s, TPOT {theirs['tpot_s'] * 1e3:.1f} ms) | "
-              f"ratio {rows[c]['throughput_ratio']:.2f}x | identical outputs {same}/{len(prompts)}", flush=True)
+              f"ratio {rows[c]['throughput_ratio']:.2f}x (rounds {rows[c]['ratio_per_round']}) | "
+              f"identical outputs {same}/{len(prompts)}", flush=True)
     print(json.dumps(rows, indent=2))
 
 

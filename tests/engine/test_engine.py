@@ -54,6 +54,27 @@ def test_engine_greedy_equals_chat_for_mixed_concurrent_requests(mini):
     assert engine.block_manager.num_free == engine.num_blocks  # everything released
 
 
+def test_encode_batch_shares_vit_passes_and_encodes_each_image_once(mini, monkeypatch):
+    from internvl35.engine.mm_cache import image_keys
+
+    prompts = mixed_prompts(mini)
+    passes = []  # (requests, tiles) of every ViT pass
+    encode = mini.model.encode_requests
+    monkeypatch.setattr(mini.model, "encode_requests",
+                        lambda pvs, flash: passes.append((len(pvs), sum(len(p) for p in pvs))) or encode(pvs, flash))
+    got = LLMEngine(mini, EngineConfig(max_vision_tiles=8)).encode_batch([(p, None) for p in prompts])
+    monkeypatch.undo()
+    distinct = {k: n for p in prompts if p.pixel_values is not None
+                for k, n in zip(image_keys(p, None), p.tiles_per_image)}
+    assert sum(t for _, t in passes) == sum(distinct.values())  # the repeated image was encoded once
+    assert all(t <= 8 or n == 1 for n, t in passes) and max(n for n, _ in passes) > 1
+    for p, enc in zip(prompts, got):  # the same as each prompt encoded alone
+        alone = LLMEngine(mini).encode(p)
+        assert enc.input_ids == alone.input_ids
+        if alone.features is not None:
+            torch.testing.assert_close(enc.features, alone.features, rtol=1e-4, atol=1e-5)
+
+
 def random_chat_model(name: str, tokenizer):
     """Random weights never stop early, so every request keeps growing its KV."""
     from internvl35.chat import ChatModel

@@ -7,6 +7,7 @@ from one background thread (`internvl35.serve.async_engine`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from internvl35.chat import ChatModel, Prompt
 from internvl35.engine.block_manager import BlockManager
 from internvl35.engine.detokenizer import IncrementalDecoder
-from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, PendingImages
+from internvl35.engine.mm_cache import EncodedPrompt, FeatureCache, PendingImages, share_duplicates
 from internvl35.engine.model_runner import ModelRunner
 from internvl35.engine.paged_cache import PagedKVCache
 from internvl35.engine.scheduler import Scheduler
@@ -31,6 +32,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     vision_cache_bytes: int = 256 * 2**20
+    max_vision_tiles: int = 64  # tiles per ViT pass when several requests are encoded together
 
 
 @dataclass
@@ -65,18 +67,48 @@ class LLMEngine:
                       "requests_finished": 0, "steps": 0}
 
     # --- vision side -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def encode(self, prompt: Prompt, flash: tuple[float, float] | None = None) -> EncodedPrompt:
         """Image features for a prompt, from the feature cache where possible; with Flash the router
         decides per request (its quantile spans the request's tiles), so the request is one unit."""
-        prompt = self.chat_model.decoded(prompt)
-        if prompt.pixel_values is None:
-            return EncodedPrompt(list(prompt.input_ids), None)
-        pending = PendingImages.lookup(self.features, prompt, flash)
-        if pending.todo:
-            pv = pending.pixels().to(self.chat_model.device, self.chat_model.dtype)
-            pending.fill(self.features, *self.model.encode_images(pv, flash))
-        return pending.assemble(self.tokenizer.img_context_id, self.model.cfg.num_image_token)
+        out = self.encode_batch([(prompt, flash)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def encode_batch(self, items: list[tuple[Prompt | EncodedPrompt, tuple[float, float] | None]]
+                     ) -> list[EncodedPrompt | Exception]:
+        """`encode` for several prompts, their missing images in shared ViT passes (up to
+        `max_vision_tiles` tiles each); a prompt whose images cannot be decoded gets its error."""
+        out: list[EncodedPrompt | Exception | None] = [None] * len(items)
+        pending: list[tuple[int, PendingImages]] = []
+        for i, (prompt, flash) in enumerate(items):
+            if isinstance(prompt, EncodedPrompt):  # encoded elsewhere (a vision server)
+                out[i] = prompt
+                continue
+            try:
+                prompt = self.chat_model.decoded(prompt)
+            except InputError as e:
+                out[i] = e
+                continue
+            if prompt.pixel_values is None:
+                out[i] = EncodedPrompt(list(prompt.input_ids), None)
+            else:
+                pending.append((i, PendingImages.lookup(self.features, prompt, flash)))
+        copies = share_duplicates([p for _, p in pending])
+        todo = [p for _, p in pending if p.todo]
+        dev = self.chat_model.device, self.chat_model.dtype
+        for part in _groups([sum(p.tiles_per_image) for p in todo], self.config.max_vision_tiles):
+            encoded = self.model.encode_requests([p.pixels().to(*dev) for p in todo[part]],
+                                                 [p.flash for p in todo[part]])
+            for p, (feats, per_tile) in zip(todo[part], encoded):
+                p.fill(self.features, feats, per_tile)
+        for p, i, src, j in copies:
+            p.got[i] = src.got[j]
+        self.features.hits += len(copies)  # served without encoding, like a cache hit
+        for i, p in pending:
+            out[i] = p.assemble(self.tokenizer.img_context_id, self.model.cfg.num_image_token)
+        return out
 
     # --- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt | EncodedPrompt, params: SamplingParams,
@@ -149,10 +181,24 @@ class LLMEngine:
                  params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion (all submitted at once); -> completion ids without stop tokens."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        for i, (p, sp) in enumerate(zip(prompts, plist)):
-            self.add_request(str(i), p, sp)
+        for i, (enc, sp) in enumerate(zip(self.encode_batch([(p, None) for p in prompts]), plist)):
+            if isinstance(enc, Exception):
+                raise enc
+            self.add_request(str(i), enc, sp)
         out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
         while self.has_unfinished():
             for o in self.step():
                 out[o.request_id] += [t for t in o.token_ids if t not in self.stop_ids]
         return [out[str(i)] for i in range(len(prompts))]
+
+
+def _groups(sizes: list[int], cap: int) -> Iterator[slice]:
+    """Consecutive slices whose sizes sum to at most `cap` (an item larger than `cap` goes alone)."""
+    start, total = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > cap:
+            yield slice(start, i)
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        yield slice(start, len(sizes))

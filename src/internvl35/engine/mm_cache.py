@@ -148,6 +148,23 @@ class PendingImages:
         return EncodedPrompt(list(ids), torch.cat([f for f, _ in self.got]), spans)
 
 
+def share_duplicates(pendings: list[PendingImages]) -> list[tuple[PendingImages, int, PendingImages, int]]:
+    """An image that several prompts of one batch still need is encoded once: the later copies leave
+    `todo`. -> (pending, image, source pending, source image) to copy once the sources are filled."""
+    first: dict[bytes, tuple[PendingImages, int]] = {}
+    copies = []
+    for p in pendings:
+        keep = []
+        for i in p.todo:
+            src = first.setdefault(p.keys[i], (p, i))
+            if src[0] is p and src[1] == i:
+                keep.append(i)
+            else:
+                copies.append((p, i, *src))
+        p.todo = keep
+    return copies
+
+
 def split_features(feats: torch.Tensor, per_tile: list[int], tiles_per_image: list[int]) -> list[Features]:
     """Features of several images encoded together -> one (rows, tokens per tile) per image."""
     out, t, r = [], 0, 0

@@ -59,6 +59,17 @@ class InternVLModel(nn.Module):
         """
         return self.features_from_vit(self.vit_tokens(pixel_values), flash)
 
+    def encode_requests(self, pixel_values: list[torch.Tensor], flash: list[tuple[float, float] | None]
+                        ) -> list[tuple[torch.Tensor, list[int]]]:
+        """Several requests' tiles in one ViT pass (larger matmuls: 126 mini tiles took 0.55-0.65 s
+        together vs 0.9-1.0 s request by request), then the projector and router per request."""
+        vit = self.vit_tokens(torch.cat(pixel_values))
+        out, start = [], 0
+        for pv, f in zip(pixel_values, flash):
+            out.append(self.features_from_vit(vit[start:start + pv.shape[0]], f))
+            start += pv.shape[0]
+        return out
+
     def features_from_vit(self, vit: torch.Tensor, flash: tuple[float, float] | None = None
                           ) -> tuple[torch.Tensor, list[int]]:
         """The projector (and router) half of `encode_images`, for ViT tokens [N, P, C] of one request."""

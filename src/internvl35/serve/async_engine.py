@@ -85,19 +85,34 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _drain_inbox(self) -> None:
+        """Take every waiting message; the new requests' images are encoded together (one ViT pass
+        over all their tiles instead of one per request)."""
+        adds, aborts = [], []
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if msg[0] == "abort":
-                self.engine.abort(msg[1])
-                continue
-            _, rid, prompt, params, stop, n, flash = msg
-            if rid not in self._streams:  # gone before it started
-                continue
+                aborts.append(msg[1])
+            elif msg[1] in self._streams:  # else gone before it started
+                adds.append(msg)
+        if adds:
+            self._add(adds)
+        for rid in aborts:  # after the adds: an abort may belong to a request added just now
+            self.engine.abort(rid)
+
+    def _add(self, adds: list[tuple]) -> None:
+        try:
+            encoded = self.engine.encode_batch([(m[2], m[6]) for m in adds])
+        except Exception as e:  # noqa: BLE001 - a failed vision pass fails these requests only
+            log.exception("vision encoding failed")
+            encoded = [e] * len(adds)
+        for (_, rid, _, params, stop, n, flash), enc in zip(adds, encoded):
             try:
-                self.engine.add_request(rid, prompt, params, stop, n, flash)
+                if isinstance(enc, Exception):
+                    raise enc
+                self.engine.add_request(rid, enc, params, stop, n, flash)
             except Exception as e:  # noqa: BLE001 - bad input (or a bug) belongs to this request only
                 self._deliver(rid, e)
 

@@ -165,13 +165,10 @@ class VisionServer:
 
     @torch.inference_mode()
     def _encode(self, batch: list) -> None:
-        pv = torch.cat([b[2] for b in batch]).to(self.device, self.dtype)
-        vit = self.model.vit_tokens(pv)  # one ViT pass over every tile of the round
-        start = 0
-        for ident, header, tiles, flash in batch:
+        encoded = self.model.encode_requests([b[2].to(self.device, self.dtype) for b in batch],
+                                             [b[3] for b in batch])  # one ViT pass over the round
+        for (ident, header, tiles, _), (feats, per_tile) in zip(batch, encoded):
             n = tiles.shape[0]
-            feats, per_tile = self.model.features_from_vit(vit[start:start + n], flash)
-            start += n
             reply = {"type": "features", "id": header["id"], "tokens_per_tile": per_tile}
             self.sock.send_multipart([ident, *pack(reply, [feats.to(torch.bfloat16)])], copy=False)
             self.stats["requests"] += 1
