@@ -56,3 +56,23 @@ def test_keep_mask():
     ids = torch.tensor([1] + [9] * 8 + [2])
     keep = flash_keep_mask(ids, 9, [2, 4], 4)
     assert keep.tolist() == [True, True, True, False, False, True, True, True, True, True]
+
+
+def test_router_pooling_equals_released_multihead_attention_form():
+    """The pooling projects attn2's keys/values once; the released form calls nn.MultiheadAttention
+    (query, tokens, tokens) four times. Same result, including with gradients (router training)."""
+    from internvl35.models.projector import CrossAttentionPooling
+
+    torch.manual_seed(0)
+    pool = CrossAttentionPooling(48, num_heads=4)
+    x = torch.randn(3, 16, 48, requires_grad=True)
+    q = pool.query_token.expand(3, 1, -1)
+    q = pool.norm1(pool.attn1(q, x, x, need_weights=False)[0])
+    for _ in range(3):
+        q = pool.norm2(pool.attn2(q, x, x, need_weights=False)[0])
+    ours = pool(x)
+    torch.testing.assert_close(ours, q[:, 0], rtol=1e-5, atol=1e-5)
+    g_ref = torch.autograd.grad(q[:, 0].square().sum(), [x, pool.attn2.in_proj_weight])
+    g_ours = torch.autograd.grad(ours.square().sum(), [x, pool.attn2.in_proj_weight])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
