@@ -27,6 +27,7 @@ import io
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,12 +164,11 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
             p.wait(timeout=30)
 
 
-def stage_times(ckpt: Path, urls: list[str], conc: int, tokens: int, max_tiles: int) -> dict:
+def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> dict:
     """Seconds per request of each stage on one thread (+ transfer), with and without the router."""
     from internvl35.serve.media import MediaLimits, fetch_encoded, fetch_image
 
     torch.set_num_threads(1)
-    cm = internvl35.load(ckpt)
     urls = urls[:16]
     t = time.perf_counter()
     files = [fetch_encoded(u, MediaLimits()) for u in urls]
@@ -246,7 +246,7 @@ def ideal_req_s(st: dict) -> dict:
 def report(name: str, sts: dict[str, dict], res: dict) -> dict:
     """`sts`: stage times measured right before each mode ran (this machine's speed drifts by up to
     2x within minutes, so each mode is compared with the bound measured next to it)."""
-    st = {k: sorted(s[k] for s in sts.values())[len(sts) // 2] for k in next(iter(sts.values()))}
+    st = {k: statistics.median_high(s[k] for s in sts.values()) for k in next(iter(sts.values()))}
     v, llm, pre, probe, x = st["vision"], st["llm"], st["preprocess"], st["probe"], st["transfer"]
     ideal = {mode: ideal_req_s(sts[mode])[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
     a = {"coupled_1core": res["coupled_1core"]["req_s"], "dvd": res["dvd"]["req_s"],
@@ -290,9 +290,9 @@ def main() -> None:
         ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
         modes = {"coupled_1core": ("coupled", ({c0}, {c0})), "coupled_2cores": ("coupled", ({c0, c1}, {c0, c1})),
                  "dvd": ("dvd", ({c0}, {c1})), "dvd_router": ("dvd_router", ({c0}, {c1}))}
-        sts, res = {}, {}
+        sts, res, cm = {}, {}, internvl35.load(ckpt)
         for key, (mode, cores) in modes.items():
-            sts[key] = stage_times(ckpt, urls, args.concurrency, args.max_tokens, args.max_tiles)
+            sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
             res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles)
         out[name] = report(name, sts, res)
     print(json.dumps(out))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from collections import deque
@@ -71,7 +72,7 @@ def summarize(start: dict, first: dict, end: dict, total: float, outs: list[list
 
 def median_row(rows: list[dict]) -> dict:
     """Per-metric medians over rounds."""
-    return {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in rows[0]}
+    return {k: statistics.median_high(r[k] for r in rows) for k in rows[0]}
 
 
 def run_engine(cm, prompts: list, conc: int, tokens: int, ignore_eos: bool, kv_gb: float) -> tuple[dict, list]:
@@ -179,15 +180,14 @@ def main() -> None:
         rounds = []
         for _ in range(args.rounds):
             ours, ours_out = run_engine(cm, prompts, c, args.max_tokens, args.ignore_eos, args.kv_cache_gb)
-            stop = cm.tokenizer.im_end_id
-            theirs, hf_out = run_transformers(hf, cm.tokenizer.pad_id, stop, prompts, c, args.max_tokens,
-                                              args.ignore_eos)
+            theirs, hf_out = run_transformers(hf, cm.tokenizer.pad_id, cm.tokenizer.im_end_id, prompts, c,
+                                              args.max_tokens, args.ignore_eos)
             rounds.append((ours, theirs))
         same = sum(agree(a, b, cm.stop_ids) for a, b in zip(ours_out, hf_out))
         ours, theirs = (median_row([r[i] for r in rounds]) for i in (0, 1))
-        ratios = sorted(a["req_s"] / b["req_s"] for a, b in rounds)
-        rows[c] = {"internvl35": ours, "transformers": theirs, "throughput_ratio": ratios[len(ratios) // 2],
-                   "ratio_per_round": [round(r, 3) for r in ratios], "identical_outputs": f"{same}/{len(prompts)}"}
+        ratios = [a["req_s"] / b["req_s"] for a, b in rounds]
+        rows[c] = {"internvl35": ours, "transformers": theirs, "throughput_ratio": statistics.median_high(ratios),
+                   "ratio_per_round": [round(r, 3) for r in sorted(ratios)], "identical_outputs": f"{same}/{len(prompts)}"}
         print(f"concurrency {c:>3}: engine {ours['req_s']:.2f} req/s (TTFT {ours['ttft_s']:.3f} s, "
               f"TPOT {ours['tpot_s'] * 1e3:.1f} ms) | transformers {theirs['req_s']:.2f} req/s "
               f"(TTFT {theirs['ttft_s']:.3f} s, TPOT {theirs['tpot_s'] * 1e3:.1f} ms) | "
