@@ -79,7 +79,8 @@ class LLMEngine:
     def encode_batch(self, items: list[tuple[Prompt | EncodedPrompt, tuple[float, float] | None]]
                      ) -> list[EncodedPrompt | Exception]:
         """`encode` for several prompts, their missing images in shared ViT passes (up to
-        `max_vision_tiles` tiles each); a prompt whose images cannot be decoded gets its error."""
+        `max_vision_tiles` tiles each); a prompt whose images cannot be decoded gets its error
+        (whatever it is: the requests that arrived with it, one per server client, go on)."""
         out: list[EncodedPrompt | Exception | None] = [None] * len(items)
         pending: list[tuple[int, PendingImages]] = []
         for i, (prompt, flash) in enumerate(items):
@@ -88,7 +89,7 @@ class LLMEngine:
                 continue
             try:
                 prompt = self.chat_model.decoded(prompt)
-            except InputError as e:
+            except Exception as e:  # noqa: BLE001 - one prompt's bad image must not fail the others
                 out[i] = e
                 continue
             if prompt.pixel_values is None:
