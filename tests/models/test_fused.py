@@ -4,6 +4,7 @@ and a safe fallback once the parameters no longer share the fused buffer."""
 import torch
 
 from internvl35.config import TextConfig
+from internvl35.models import layers
 from internvl35.models.qwen3 import Qwen3ForCausalLM, fuse_projections_
 from tests.conftest import randomize_
 
@@ -52,13 +53,13 @@ def test_training_gets_gradients_and_moved_parameters_fall_back():
                for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.up_proj.weight))
     def weight_shapes(x):
         calls = []
-        real = torch.nn.functional.linear
-        torch.nn.functional.linear = lambda *a, **k: calls.append(tuple(a[1].shape)) or real(*a, **k)
+        real = layers.linear  # every product of the model goes through it (F.linear or the split)
+        layers.linear = lambda *a, **k: calls.append(tuple(a[1].shape)) or real(*a, **k)
         try:
             with torch.inference_mode():
                 return _forward(lm, x), calls
         finally:
-            torch.nn.functional.linear = real
+            layers.linear = real
 
     ref, calls = weight_shapes(x)
     assert (128, 64) in calls and (32, 64) not in calls  # q|k|v in one product
@@ -66,3 +67,25 @@ def test_training_gets_gradients_and_moved_parameters_fall_back():
     got, calls = weight_shapes(x.double())
     assert torch.allclose(got.float(), ref, atol=1e-5)
     assert (128, 64) not in calls and (32, 64) in calls  # k alone
+
+
+def test_split_product_equals_f_linear_for_few_rows():
+    """The thread-split product serves 1..SPLIT_MAX_ROWS rows; beyond it F.linear runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the split only runs with several threads
+    calls = []
+    real = torch.bmm
+    torch.bmm = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    try:
+        w, b = torch.randn(96, 48), torch.randn(96)
+        for rows in (1, 3, layers.SPLIT_MAX_ROWS, layers.SPLIT_MAX_ROWS + 1):
+            x = torch.randn(1, rows, 48)
+            calls.clear()
+            with torch.inference_mode():
+                got = layers.linear(x, w, b)
+            assert got.shape == (1, rows, 96)
+            assert torch.allclose(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+            assert calls == ([] if rows > layers.SPLIT_MAX_ROWS else [(2, rows, 48)])
+    finally:
+        torch.bmm = real
+        torch.set_num_threads(threads)
