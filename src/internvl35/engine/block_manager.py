@@ -4,7 +4,7 @@ keyed by a hash chain over each full block's token ids and the digests of the im
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from internvl35.engine.sequence import Sequence
@@ -30,7 +30,10 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free = deque(range(num_blocks))
+        # Free blocks, least recently released first (cached content survives longest). Ordered and
+        # keyed, so that a prefix-cache hit on a released block takes it out in O(1): a deque's remove
+        # scans the list, 1.5 ms per hit with a 4 GiB mini cache (131k blocks) vs 0.7 us.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.by_hash: dict[bytes, int] = {}
 
     @property
@@ -39,9 +42,9 @@ class BlockManager:
 
     def _take(self, block_id: int | None = None) -> Block:
         if block_id is None:
-            block_id = self.free.popleft()
+            block_id, _ = self.free.popitem(last=False)
         else:
-            self.free.remove(block_id)
+            del self.free[block_id]
         b = self.blocks[block_id]
         if b.hash is not None and self.by_hash.get(b.hash) == block_id:
             del self.by_hash[b.hash]  # its old content is being overwritten
@@ -67,7 +70,7 @@ class BlockManager:
             if cached is not None and self.blocks[cached].token_ids == tokens:
                 b = self.blocks[cached]
                 if b.ref_count == 0:
-                    self.free.remove(cached)
+                    del self.free[cached]
                 b.ref_count += 1
                 seq.num_cached_tokens += self.block_size
             else:
@@ -85,7 +88,7 @@ class BlockManager:
             b = self.blocks[block_id]
             b.ref_count -= 1
             if b.ref_count == 0:
-                self.free.append(block_id)
+                self.free[block_id] = None
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 
