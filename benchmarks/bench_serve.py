@@ -188,8 +188,8 @@ def main() -> None:
         ratios = [a["req_s"] / b["req_s"] for a, b in rounds]
         rows[c] = {"internvl35": ours, "transformers": theirs, "throughput_ratio": statistics.median_high(ratios),
                    "ratio_per_round": [round(r, 3) for r in sorted(ratios)], "identical_outputs": f"{same}/{len(prompts)}"}
-        print(f"concurrency {c:>3}: engine {ours['req_s']:.2f} req/s (TTFT {ours['ttft_s']:.3f} s, "
-              f"TPOT {ours['tpot_s'] * 1e3:.1f} ms) | transformers {theirs['req_s']:.2f} req/s "
+        print(f"concurrency {c:>3}: engine {ours['req_s']:.3g} req/s (TTFT {ours['ttft_s']:.3f} s, "
+              f"TPOT {ours['tpot_s'] * 1e3:.1f} ms) | transformers {theirs['req_s']:.3g} req/s "
               f"(TTFT {theirs['ttft_s']:.3f} s, TPOT {theirs['tpot_s'] * 1e3:.1f} ms) | "
               f"ratio {rows[c]['throughput_ratio']:.2f}x (rounds {rows[c]['ratio_per_round']}) | "
               f"identical outputs {same}/{len(prompts)}", flush=True)
