@@ -32,6 +32,15 @@ def tokenizer() -> Tokenizer:
 
 
 @pytest.fixture()
+def tok_dir(tmp_path, tokenizer):
+    """The tokenizer saved as a directory (what training configs name)."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    tokenizer.save(d)
+    return d
+
+
+@pytest.fixture()
 def image() -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (150, 260, 3), dtype=np.uint8))

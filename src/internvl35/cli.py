@@ -198,6 +198,7 @@ def evaluate(
     n: int = typer.Option(100, "--n", help="Samples per task."),
     family: list[str] = typer.Option([], "--family", help="Only these families (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--json", help="Write the report here."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
 ) -> None:
     """Accuracy per task family on held-out samples of the mini world."""
 
@@ -207,7 +208,7 @@ def evaluate(
 
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
-        report = run_suite(internvl35.load(model), suite, n, families=family or None)
+        report = run_suite(internvl35.load(model, device=device), suite, n, families=family or None)
         print_table(report)
         if output:
             save_report(report, output)

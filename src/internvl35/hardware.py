@@ -20,9 +20,16 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
-def matmul_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_of(lambda: torch.mm(a, b), 5)
+def matmul_peak_flops(n: int = 2048, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> float:
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def run() -> None:
+        torch.mm(a, b)
+        sync()
+
+    return 2 * n**3 / best_of(run, 5)
 
 
 def memory_bandwidth(gib: float = 2.0) -> float:

@@ -62,3 +62,26 @@ def test_world_tokenizer_keeps_the_prompt_header_short():
     tok = train_bpe(world_corpus(n_per_family=40), 1024)
     assert len(tok.encode("assistant\n")) <= 2
     assert len(tok.encode("system\n" + CONFIGS["mini"].system_message)) <= 9
+
+
+def test_worker_processes_give_the_stream_of_one_process(tokenizer):
+    """Examples computed ahead by worker processes come back in order and equal to in-process ones,
+    for the language stream and for the dense vision batches (also when a batch restarts elsewhere)."""
+    import torch
+
+    stage = Stage(data=[DataSource(source="world", families={"attributes": 1.0, "counting": 1.0})])
+    args = (stage, tokenizer, get_template("internvl2_5"), ImageSettings(112, 2, 16), 0)
+    one, many = ExampleSource(*args), ExampleSource(*args, workers=2)
+    try:
+        for (i, a), (j, b) in zip(one.stream(3), many.stream(3)):
+            assert i == j and a.input_ids == b.input_ids and torch.equal(a.pixel_values, b.pixel_values)
+            if i == 9:
+                break
+        nxt = 0
+        for restart in (False, False, True):  # continue where the last batch stopped, then jump back
+            start = 2 if restart else nxt
+            nxt, x, y = one.dense_batch(start, 6)
+            got = many.dense_batch(start, 6)
+            assert got[0] == nxt and torch.equal(got[1], x) and torch.equal(got[2], y)
+    finally:
+        many.close()

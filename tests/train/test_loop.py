@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -41,14 +40,6 @@ def _config(tmp: Path, tokenizer_dir: Path, steps: int, dense_steps: int = 0, **
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture()
-def tok_dir(tmp_path, tokenizer):
-    d = tmp_path / "tok"
-    d.mkdir()
-    tokenizer.save(d)
-    return d
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -139,6 +139,11 @@ class Pack:
     pixel_values: torch.Tensor | None
     num_examples: int
 
+    def to(self, device: torch.device) -> Pack:
+        pv = None if self.pixel_values is None else self.pixel_values.to(device)
+        return Pack(self.input_ids.to(device), self.labels.to(device), self.positions.to(device),
+                    self.segments.to(device), pv, self.num_examples)
+
 
 def pack(examples: list[Example]) -> Pack:
     ids, labels, pos, seg, pvs = [], [], [], [], []

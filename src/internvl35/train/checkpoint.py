@@ -41,7 +41,9 @@ def save(out: Path, model: InternVLModel, tokenizer: Tokenizer, params: dict, op
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(model, tokenizer, tmp, "custom", torch.float32, params=params)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "aux": aux}, tmp / "train_state.pt")
+                "torch_rng": torch.get_rng_state(), "aux": aux,
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
+               tmp / "train_state.pt")
     (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
     _fsync_dir(tmp)
     if final.exists():
@@ -55,6 +57,12 @@ def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+def restore_rng(blobs: dict[str, Any]) -> None:
+    torch.set_rng_state(blobs["torch_rng"])
+    if blobs.get("cuda_rng") is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(blobs["cuda_rng"])
 
 
 def latest(out: Path) -> Path | None:

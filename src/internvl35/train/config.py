@@ -54,6 +54,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     precision: str = "fp32"  # or "bf16" (autocast)
+    device: str = "auto"  # "auto" (the GPU of this process if any, else the CPU), "cpu", "cuda", "cuda:1"
+    data_workers: int = 0  # processes that render and tokenize examples ahead (for GPUs; 0: in-process)
     max_tiles: int | None = None  # per image; default: the model's max_dynamic_patch
     save_every: int = 100
     log_every: int = 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from collections.abc import Iterator
-from itertools import count
 from pathlib import Path
 
 import torch
@@ -16,11 +15,12 @@ from internvl35.data.sft import Example, ImageSettings, jsonl_records, tokenize_
 from internvl35.data.template import Template
 from internvl35.data.tokenizer import Tokenizer
 from internvl35.train.config import DataSource, Stage
+from internvl35.train.prefetch import Prefetcher
 
 
 class ExampleSource:
     def __init__(self, stage: Stage, tok: Tokenizer, template: Template, settings: ImageSettings, seed: int,
-                 system: str | None = None, patch_size: int = 14):
+                 system: str | None = None, patch_size: int = 14, workers: int = 0):
         self.stage, self.tok, self.template, self.settings, self.seed = stage, tok, template, settings, seed
         self.patch_size = patch_size
         self.system = system
@@ -29,6 +29,15 @@ class ExampleSource:
         self._jsonl: dict[int, list] = {}
         self._order: dict[tuple[int, int], list[int]] = {}  # (source, epoch) -> shuffled record order
         self._scanned, self._counts = 0, [0] * len(self.sources)  # examples 0.._scanned-1 counted per source
+        self._prefetch = Prefetcher(self, workers)
+        self._dense: tuple[int, Iterator] | None = None  # (next index, its iterator) of the dense stream
+
+    def __getstate__(self) -> dict:
+        # what worker processes receive: everything but the workers themselves
+        return {**self.__dict__, "_prefetch": None, "_dense": None}
+
+    def close(self) -> None:
+        self._prefetch.close()
 
     def _records(self, i: int, d: DataSource) -> list:
         if i not in self._jsonl:
@@ -84,8 +93,7 @@ class ExampleSource:
         return tokenize_record(record, self.tok, self.template, settings, rng, root, self.system)
 
     def stream(self, start: int) -> Iterator[tuple[int, Example]]:
-        for idx in count(start):
-            yield idx, self.example(idx)
+        return self._prefetch.iterate("example", start)
 
     def dense_example(self, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Tiles [T, 3, S, S] and per-patch labels [T, P, K] of a world sample (None: no image)."""
@@ -109,14 +117,18 @@ class ExampleSource:
 
     def dense_batch(self, start: int, tiles: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Examples from `start` on until at least `tiles` tiles: (next example, tiles, labels)."""
+        if self._dense is None or self._dense[0] != start:
+            self._dense = (start, self._prefetch.iterate("dense_example", start))
+        it = self._dense[1]
         xs, ys, n, idx = [], [], 0, start
         while n < tiles:
-            got = self.dense_example(idx)
+            idx, got = next(it)
             idx += 1
             if got is not None:
                 xs.append(got[0])
                 ys.append(got[1])
                 n += got[0].shape[0]
+        self._dense = (idx, it)
         return idx, torch.cat(xs), torch.cat(ys)
 
 

@@ -35,7 +35,7 @@ class DenseWarmup(nn.Module):
         vit = self.vision_model(pixel_values, self.select_layer)[:, 1:]
         logits = self.heads(vit).split(list(HEADS.values()), dim=-1)
         loss = sum(F.cross_entropy(lg.flatten(0, 1).float(), targets[..., k].flatten(), reduction="sum",
-                                   weight=self._class_weights(lg.shape[-1]))
+                                   weight=self._class_weights(lg.shape[-1]).to(lg.device))
                    for k, lg in enumerate(logits))
         return loss * scale
 

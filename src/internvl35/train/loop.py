@@ -46,14 +46,15 @@ def init_weights(model: InternVLModel) -> None:
             nn.init.normal_(p, std=0.02)
 
 
-def build(cfg: TrainConfig) -> tuple[InternVLModel, Tokenizer, dict]:
-    """Model + tokenizer from a checkpoint directory (fine-tuning) or a preset (from scratch)."""
+def build(cfg: TrainConfig, device: torch.device = torch.device("cpu")) -> tuple[InternVLModel, Tokenizer, dict]:
+    """Model + tokenizer from a checkpoint directory (fine-tuning) or a preset (from scratch), in fp32
+    on `device`."""
     path = Path(cfg.model)
     if path.is_dir():
         from internvl35.weights.config_json import config_from_dict, read_config_json
         from internvl35.weights.loader import load_weights
         mcfg, fmt = config_from_dict(read_config_json(path), name=path.name)
-        model = load_weights(path, mcfg, fmt, torch.float32)
+        model = load_weights(path, mcfg, fmt, torch.float32, device=device)
         tok = Tokenizer.from_dir(Path(cfg.tokenizer) if cfg.tokenizer else path)
         origin = {"init": str(path)}
     else:
@@ -62,7 +63,8 @@ def build(cfg: TrainConfig) -> tuple[InternVLModel, Tokenizer, dict]:
         mcfg = get_config(cfg.model, **{**cfg.model_overrides, "text": text})
         torch.manual_seed(cfg.seed)
         model = InternVLModel(mcfg)
-        init_weights(model)
+        init_weights(model)  # on the CPU: the same weights for a seed whatever the device
+        model.to(device)
         origin = {"init": f"preset {cfg.model}, seed {cfg.seed}"}
     model.image_token_id = tok.img_context_id
     return model, tok, origin
@@ -99,13 +101,13 @@ def make_optimizer(model: nn.Module, stage: Stage, cfg: TrainConfig):
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
     """[L] example ids -> [1, 1, L, L]: causal within each example of a pack, nothing across."""
     L = segments.shape[0]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
     return (causal & (segments[:, None] == segments[None, :]))[None, None]
 
 
 def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainConfig, moe_coef: float) -> float:
     """Forward + backward of one pack; returns its unscaled sum(w * CE)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with torch.autocast(p.input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         logits = model(p.input_ids[None], p.pixel_values, positions=p.positions[None],
                        mask=block_causal_mask(p.segments))[0]
     loss_sum = weighted_lm_loss_sum(logits, p.labels, weights)
@@ -139,7 +141,7 @@ def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, counts: tu
     step_packs = list(islice(packs, cfg.grad_accum))  # every rank builds the global batch
     ws = [square_weights(p.labels, p.segments) for _, p in step_packs]
     total_w = float(sum(w.sum() for w in ws))
-    loss_sum = sum(micro_step(model, p, w, d.world / total_w, cfg, moe_coef)
+    loss_sum = sum(micro_step(model, p.to(d.device), w.to(d.device), d.world / total_w, cfg, moe_coef)
                    for (_, p), w in zip(step_packs[d.rank::d.world], ws[d.rank::d.world]))
     return StepResult(loss=d.all_reduce_sum(loss_sum) / total_w, next_example=step_packs[-1][0],
                       tokens=sum(p.input_ids.numel() for _, p in step_packs),
@@ -153,11 +155,19 @@ def dense_step(warmup: DenseWarmup, source: ExampleSource, start: int, tiles: in
     gradients are summed across ranks, so any process count computes the same step."""
     nxt, x, y = source.dense_batch(start, tiles)
     patches = y.shape[0] * y.shape[1]
-    loss = warmup(x[d.rank::d.world], y[d.rank::d.world], 1.0 / patches)
+    loss = warmup(x[d.rank::d.world].to(d.device), y[d.rank::d.world].to(d.device), 1.0 / patches)
     loss.backward()
     d.all_reduce_grads(warmup)
     return StepResult(loss=d.all_reduce_sum(float(loss.detach())), next_example=nxt, tokens=patches,
                       samples=nxt - start, flops=6 * vit_params * x.shape[0] * (y.shape[1] + 1))
+
+
+def peak_flops(d: Dist, cfg: TrainConfig) -> float:
+    """The matmul peak of all processes, in the compute dtype (bf16 autocast only changes it on GPUs:
+    CPUs here run bf16 matmuls far below fp32)."""
+    gpu = d.device.type == "cuda"
+    dtype = torch.bfloat16 if gpu and cfg.precision == "bf16" else torch.float32
+    return matmul_peak_flops(8192 if gpu else 1024, dtype, d.device) * d.world
 
 
 def stage_module(model: InternVLModel, stage: Stage, d: Dist, seed: int) -> nn.Module:
@@ -169,12 +179,12 @@ def stage_module(model: InternVLModel, stage: Stage, d: Dist, seed: int) -> nn.M
         return parallelize(model, d)
     if getattr(model, "_fsdp_applied", False):
         raise ValueError("with several processes, dense stages must come before the language stages")
-    return DenseWarmup(model.vision_model, model.cfg.vision.hidden_size, model.cfg.select_layer, seed)
+    return DenseWarmup(model.vision_model, model.cfg.vision.hidden_size, model.cfg.select_layer, seed).to(d.device)
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Run every stage of `cfg`; returns the final checkpoint directory."""
-    d = Dist.init()
+    d = Dist.init(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -182,12 +192,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     ckpt = checkpoint.latest(out) if resume else None
     if ckpt is not None:
         cfg = replace(cfg, model=str(ckpt), tokenizer=str(ckpt))
-    model, tok, origin = build(cfg)
+    model, tok, origin = build(cfg, d.device)
     state = {"step": 0, "stage": 0, "stage_step": 0, "next_example": 0, **origin}
     blobs = None
     if ckpt is not None:
         state, blobs = checkpoint.load_state(ckpt)
-        torch.set_rng_state(blobs["torch_rng"])
+        checkpoint.restore_rng(blobs)
     model.train()
     counts = (sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n),
               sum(q.numel() for q in model.vision_model.parameters()))
@@ -195,7 +205,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                              model.cfg.num_image_token, model.cfg.use_thumbnail)
     template = get_template(model.cfg.template)
     moe_coef = model.cfg.text.moe.router_aux_loss_coef if model.cfg.text.moe else 0.0
-    peak = matmul_peak_flops(1024) * (d.world if d.world > 1 else 1)
+    peak = peak_flops(d, cfg)
     log = MetricsLog(out, cfg.total_steps, d.rank == 0)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     final = out / "checkpoint"
@@ -213,7 +223,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 wrapped.heads.load_state_dict(blobs["aux"])
         blobs = None
         source = ExampleSource(stage, tok, template, settings, cfg.seed, model.cfg.system_message,
-                               model.cfg.vision.patch_size)
+                               model.cfg.vision.patch_size, cfg.data_workers)
         packs = None if dense else pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
         while state["stage_step"] < stage.steps:
             t0 = time.perf_counter()
@@ -241,6 +251,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 aux = wrapped.heads.state_dict() if dense else None
                 final = d.save(lambda: checkpoint.save(out, model, tok, params, opt_state, sched, saved, aux))
                 log.plot()
+        source.close()
         state.update(stage=si + 1, stage_step=0, next_example=0)
     log.close()
     d.barrier()

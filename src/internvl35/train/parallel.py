@@ -1,11 +1,12 @@
 """Distribution, applied from outside the model: FSDP2 (`fully_shard`) over the ViT blocks, the LLM
-blocks and the root, on gloo (CPU) or nccl (GPU). One process needs none of it."""
+blocks and the root, on gloo (CPU) or nccl (GPU, one per process: LOCAL_RANK). One process needs
+none of it."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,23 +14,37 @@ import torch.distributed as dist
 from torch import nn
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto': this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return dev
+
+
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def init(cls) -> Dist:
+    def init(cls, device: str = "auto") -> Dist:
+        dev = resolve_device(device)
         if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return cls()
+            return cls(device=dev)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), dev)
 
     def all_reduce_sum(self, x: float) -> float:
         if self.world == 1:
             return x
-        t = torch.tensor([x], dtype=torch.float64)
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t)
 
@@ -55,14 +70,16 @@ def parallelize(model: nn.Module, d: Dist) -> nn.Module:
     """Shard `model` with FSDP2 when running on several processes; otherwise return it unchanged."""
     if d.world == 1:
         return model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if getattr(model, "_fsdp_applied", False):
         return model
+    mesh = init_device_mesh(d.device.type, (d.world,))
     for layer in model.vision_model.encoder.layers:
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     for layer in model.language_model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     model._fsdp_applied = True
     return model
