@@ -104,15 +104,27 @@ def test_loss_falls_and_sigkill_resume_is_exact(tmp_path, tok_dir):
     assert (run / "loss.png").is_file() and (run / "checkpoint" / "model.safetensors").is_file()
 
 
+def _heldout(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("heldout_")} for r in rows}
+
+
 def test_dense_vision_stage_learns_and_sigkill_resume_is_exact(tmp_path, tok_dir):
-    # the dense warm-up has its own heads and optimizer: both must survive a kill mid-stage
-    ref_cfg = _config(tmp_path / "ref", tok_dir, 4, dense_steps=10, save_every=4)
+    # the dense warm-up has its own heads and optimizer: both must survive a kill mid-stage, and
+    # the held-out measurements (eval_every) must not move the training RNG or data
+    ref_cfg = _config(tmp_path / "ref", tok_dir, 4, dense_steps=10, save_every=4, eval_every=3)
     subprocess.run(_train_cmd(ref_cfg), check=True, capture_output=True)
     ref = _losses(tmp_path / "ref" / "run")
     dense = [ref[k] for k in range(1, 11)]
     assert sum(dense[-3:]) / 3 < 0.8 * sum(dense[:3]) / 3
 
-    cfg = _config(tmp_path / "kill", tok_dir, 4, dense_steps=10, save_every=4)
+    held = _heldout(tmp_path / "ref" / "run")
+    assert [k for k, v in held.items() if v] == [3, 6, 9, 12]
+    assert {"heldout_color", "heldout_shape", "heldout_centers"} <= set(held[9])
+    assert set(held[12]) == {"heldout_loss"}
+    assert held[9]["heldout_color"] > held[3]["heldout_color"]  # the heads learn what they are measured on
+
+    cfg = _config(tmp_path / "kill", tok_dir, 4, dense_steps=10, save_every=4, eval_every=3)
     run = tmp_path / "kill" / "run"
     p = subprocess.Popen(_train_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -127,6 +139,7 @@ def test_dense_vision_stage_learns_and_sigkill_resume_is_exact(tmp_path, tok_dir
     got = _losses(run)
     assert list(got) == list(ref)
     assert all(abs(got[k] - ref[k]) < 1e-6 for k in ref), (got, ref)
+    assert _heldout(run) == held
 
 
 def test_resume_at_a_stage_boundary_starts_the_next_stage_fresh(tmp_path, tok_dir):

@@ -145,6 +145,13 @@ class Pack:
                     self.segments.to(device), pv, self.num_examples)
 
 
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[L] example ids -> [1, 1, L, L]: causal within each example of a pack, nothing across."""
+    L = segments.shape[0]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, None] == segments[None, :]))[None, None]
+
+
 def pack(examples: list[Example]) -> Pack:
     ids, labels, pos, seg, pvs = [], [], [], [], []
     for i, e in enumerate(examples):

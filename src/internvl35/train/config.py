@@ -59,7 +59,7 @@ class TrainConfig:
     max_tiles: int | None = None  # per image; default: the model's max_dynamic_patch
     save_every: int = 100
     log_every: int = 1
-    eval_every: int = 0  # 0: never during training
+    eval_every: int = 0  # held-out accuracy (dense stages) or loss (language stages) every N steps; 0: never
     gradient_checkpointing: bool = False
     threads: int | None = None
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from internvl35.config import get_config
-from internvl35.data.sft import ImageSettings, Pack, pack_stream
+from internvl35.data.sft import ImageSettings, Pack, block_causal_mask, pack_stream
 from internvl35.data.template import get_template
 from internvl35.data.tokenizer import Tokenizer, train_bpe
 from internvl35.hardware import matmul_peak_flops
@@ -28,6 +28,7 @@ from internvl35.train import checkpoint
 from internvl35.train.config import Stage, TrainConfig
 from internvl35.train.data import ExampleSource, world_corpus
 from internvl35.train.dense import DenseWarmup
+from internvl35.train.heldout import HELDOUT_SEED_OFFSET, HeldOut
 from internvl35.train.losses import square_weights, weighted_lm_loss_sum
 from internvl35.train.parallel import Dist, parallelize
 from internvl35.train.report import MetricsLog
@@ -98,13 +99,6 @@ def make_optimizer(model: nn.Module, stage: Stage, cfg: TrainConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[L] example ids -> [1, 1, L, L]: causal within each example of a pack, nothing across."""
-    L = segments.shape[0]
-    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
-    return (causal & (segments[:, None] == segments[None, :]))[None, None]
-
-
 def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainConfig, moe_coef: float) -> float:
     """Forward + backward of one pack; returns its unscaled sum(w * CE)."""
     with torch.autocast(p.input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -170,6 +164,13 @@ def peak_flops(d: Dist, cfg: TrainConfig) -> float:
     return matmul_peak_flops(8192 if gpu else 1024, dtype, d.device) * d.world
 
 
+def heldout_for(stage: Stage, cfg: TrainConfig, tok: Tokenizer, template, settings: ImageSettings,
+                model: InternVLModel, d: Dist) -> HeldOut:
+    source = ExampleSource(stage, tok, template, settings, cfg.seed + HELDOUT_SEED_OFFSET,
+                           model.cfg.system_message, model.cfg.vision.patch_size)
+    return HeldOut(source, stage.objective == "dense", cfg.max_tokens, d.device)
+
+
 def stage_module(model: InternVLModel, stage: Stage, d: Dist, seed: int) -> nn.Module:
     """What a stage trains: the (sharded) model, or for a dense stage the ViT with its label heads."""
     if stage.objective not in ("lm", "dense"):
@@ -225,6 +226,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         source = ExampleSource(stage, tok, template, settings, cfg.seed, model.cfg.system_message,
                                model.cfg.vision.patch_size, cfg.data_workers)
         packs = None if dense else pack_stream(source.stream(state["next_example"]), cfg.max_tokens)
+        heldout = heldout_for(stage, cfg, tok, template, settings, model, d) if cfg.eval_every else None
         while state["stage_step"] < stage.steps:
             t0 = time.perf_counter()
             if dense:
@@ -240,9 +242,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             state.update(step=state["step"] + 1, stage_step=state["stage_step"] + 1,
                          next_example=step.next_example, stage=si)
             dt = time.perf_counter() - t0
+            measured = heldout.measure(wrapped) if heldout and state["step"] % cfg.eval_every == 0 else {}
             log.step(state["step"], stage=stage.name, loss=step.loss, lr=sched.get_last_lr()[0],
                      grad_norm=gnorm, tokens=step.tokens, tok_s=step.tokens / dt, samples=step.samples,
-                     mfu=step.flops / dt / peak, dt=dt)
+                     mfu=step.flops / dt / peak, dt=dt, **measured)
             last = state["stage_step"] == stage.steps
             if state["step"] % cfg.save_every == 0 or last:
                 # a checkpoint at the end of a stage resumes at the start of the next one
