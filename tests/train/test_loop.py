@@ -71,6 +71,22 @@ def test_model_overrides_change_nested_preset_fields():
     assert cfg.vision.hidden_size == base.vision.hidden_size and cfg.num_image_token == 16
 
 
+def test_flop_weights_follow_freezing():
+    """Throughput as a fraction of the peak counts what a stage computes: no backward for a frozen
+    ViT, activation gradients only for a frozen LLM below a trained ViT."""
+    from internvl35.config import get_config
+    from internvl35.models.internvl import InternVLModel
+    from internvl35.train.loop import flop_weights, freeze
+
+    model = InternVLModel(get_config("mini", text={"vocab_size": 300}))
+    llm = sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n)
+    vit = sum(q.numel() for q in model.vision_model.parameters())
+    for parts, want in (([], (6, 6)), (["vision"], (6, 2)), (["llm"], (4, 6)), (["vision", "llm"], (4, 2)),
+                        (["vision", "projector", "llm"], (2, 2))):
+        freeze(model, parts)
+        assert flop_weights(model) == (want[0] * llm, want[1] * vit), parts
+
+
 def test_square_weights():
     labels = torch.tensor([0, 5, 5, 5, 5, IGNORE, 7])  # example 0 has 4 targets, example 1 has 1
     segments = torch.tensor([0, 0, 0, 0, 0, 1, 1])

@@ -113,11 +113,24 @@ def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainCo
     return float(loss_sum.detach())
 
 
-def flops_per_pack(counts: tuple[int, int], patches: int, p: Pack) -> float:
-    """6 x parameters x tokens for the LLM (non-embedding) and for the ViT over its patch tokens."""
-    llm, vit = counts
+def flop_weights(model: InternVLModel) -> tuple[int, int]:
+    """FLOPs per token of the LLM (non-embedding) and per patch of the ViT under the current freezing:
+    6 x parameters for a trained part, 2 x for a frozen ViT (nothing before it needs gradients), 4 x
+    for a frozen LLM that still passes gradients back to a trained ViT or projector."""
+    def trained(m: nn.Module) -> bool:
+        return any(q.requires_grad for q in m.parameters())
+
+    llm = sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n)
+    vit = sum(q.numel() for q in model.vision_model.parameters())
+    vision = trained(model.vision_model)
+    upstream = vision or trained(model.mlp1)
+    return (6 if trained(model.language_model) else 4 if upstream else 2) * llm, (6 if vision else 2) * vit
+
+
+def flops_per_pack(weights: tuple[int, int], patches: int, p: Pack) -> float:
+    llm, vit = weights
     tiles = 0 if p.pixel_values is None else p.pixel_values.shape[0]
-    return 6 * (llm * p.input_ids.numel() + vit * tiles * patches)
+    return llm * p.input_ids.numel() + vit * tiles * patches
 
 
 @dataclass
@@ -129,7 +142,7 @@ class StepResult:
     flops: float
 
 
-def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, counts: tuple[int, int],
+def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, weights: tuple[int, int],
             patches: int) -> StepResult:
     """Forward + backward of one global batch of packs (this rank's share); gradients left in place."""
     step_packs = list(islice(packs, cfg.grad_accum))  # every rank builds the global batch
@@ -140,11 +153,11 @@ def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, counts: tu
     return StepResult(loss=d.all_reduce_sum(loss_sum) / total_w, next_example=step_packs[-1][0],
                       tokens=sum(p.input_ids.numel() for _, p in step_packs),
                       samples=sum(p.num_examples for _, p in step_packs),
-                      flops=sum(flops_per_pack(counts, patches, p) for _, p in step_packs))
+                      flops=sum(flops_per_pack(weights, patches, p) for _, p in step_packs))
 
 
 def dense_step(warmup: DenseWarmup, source: ExampleSource, start: int, tiles: int, d: Dist,
-               vit_params: int) -> StepResult:
+               vit_flops: int) -> StepResult:
     """One global batch of the dense vision objective; every rank takes every world-th tile and the
     gradients are summed across ranks, so any process count computes the same step."""
     nxt, x, y = source.dense_batch(start, tiles)
@@ -153,7 +166,7 @@ def dense_step(warmup: DenseWarmup, source: ExampleSource, start: int, tiles: in
     loss.backward()
     d.all_reduce_grads(warmup)
     return StepResult(loss=d.all_reduce_sum(float(loss.detach())), next_example=nxt, tokens=patches,
-                      samples=nxt - start, flops=6 * vit_params * x.shape[0] * (y.shape[1] + 1))
+                      samples=nxt - start, flops=vit_flops * x.shape[0] * (y.shape[1] + 1))
 
 
 def peak_flops(d: Dist, cfg: TrainConfig) -> float:
@@ -200,8 +213,6 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         state, blobs = checkpoint.load_state(ckpt)
         checkpoint.restore_rng(blobs)
     model.train()
-    counts = (sum(q.numel() for n, q in model.language_model.named_parameters() if "embed_tokens" not in n),
-              sum(q.numel() for q in model.vision_model.parameters()))
     settings = ImageSettings(model.cfg.vision.image_size, cfg.max_tiles or model.cfg.max_dynamic_patch,
                              model.cfg.num_image_token, model.cfg.use_thumbnail)
     template = get_template(model.cfg.template)
@@ -214,6 +225,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         stage = cfg.stages[si]
         dense = stage.objective == "dense"
         wrapped = stage_module(model, stage, d, cfg.seed)
+        weights = flop_weights(model)
         opt, sched = make_optimizer(wrapped, stage, cfg)
         if blobs is not None and state["stage_step"] > 0:
             # mid-stage: continue the stage's optimizer; at a stage boundary the new stage starts
@@ -230,9 +242,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         while state["stage_step"] < stage.steps:
             t0 = time.perf_counter()
             if dense:
-                step = dense_step(wrapped, source, state["next_example"], stage.batch_tiles, d, counts[1])
+                step = dense_step(wrapped, source, state["next_example"], stage.batch_tiles, d, weights[1])
             else:
-                step = lm_step(wrapped, packs, cfg, d, moe_coef, counts, model.cfg.vision.grid**2 + 1)
+                step = lm_step(wrapped, packs, cfg, d, moe_coef, weights, model.cfg.vision.grid**2 + 1)
             gnorm = torch.nn.utils.clip_grad_norm_([q for q in wrapped.parameters() if q.requires_grad],
                                                    cfg.grad_clip)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
