@@ -4,8 +4,6 @@ the dense stage and data workers) on the GPU."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -63,7 +61,7 @@ def test_engine_on_gpu_equals_chat():
 def test_training_on_gpu_with_data_workers(tmp_path, tok_dir):
     from internvl35.train.config import load_config
     from internvl35.train.loop import train
-    from tests.train.test_loop import _config, _losses
+    from tests.train.test_loop import _config, _losses, _metrics
 
     cfg = load_config(_config(tmp_path, tok_dir, 12, dense_steps=3, device="cuda", data_workers=2))
     final = train(cfg)
@@ -71,7 +69,6 @@ def test_training_on_gpu_with_data_workers(tmp_path, tok_dir):
     assert len(losses) == 15
     lm = losses[3:]
     assert sum(lm[-3:]) / 3 < 0.8 * sum(lm[:3]) / 3
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 < r["mfu"] < 1 for r in rows)
+    assert all(0 < r["mfu"] < 1 for r in _metrics(tmp_path / "run"))
     trained = internvl35.load(final)  # the GPU-trained checkpoint loads on the CPU
     assert next(trained.model.parameters()).device.type == "cpu"

@@ -42,9 +42,12 @@ def _config(tmp: Path, tokenizer_dir: Path, steps: int, dense_steps: int = 0, **
     return path
 
 
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in _metrics(run)}
 
 
 def _train_cmd(cfg: Path) -> list[str]:
@@ -121,8 +124,7 @@ def test_loss_falls_and_sigkill_resume_is_exact(tmp_path, tok_dir):
 
 
 def _heldout(run: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith("heldout_")} for r in rows}
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("heldout_")} for r in _metrics(run)}
 
 
 def test_dense_vision_stage_learns_and_sigkill_resume_is_exact(tmp_path, tok_dir):

@@ -11,9 +11,9 @@ from itertools import islice
 import torch
 from torch import nn
 
-from internvl35.data.sft import block_causal_mask, pack_stream
+from internvl35.data.sft import pack_stream
 from internvl35.train.data import ExampleSource
-from internvl35.train.losses import square_weights, weighted_lm_loss_sum
+from internvl35.train.losses import pack_loss_sum, square_weights
 
 HELDOUT_SEED_OFFSET = 10_007  # far from any training seed's examples
 DENSE_TILES = 128
@@ -21,8 +21,9 @@ LM_PACKS = 4
 
 
 class HeldOut:
-    def __init__(self, source: ExampleSource, dense: bool, max_tokens: int, device: torch.device) -> None:
-        self.dense, self.device = dense, device
+    def __init__(self, source: ExampleSource, dense: bool, max_tokens: int, device: torch.device,
+                 bf16: bool = False) -> None:
+        self.dense, self.bf16 = dense, bf16
         if dense:
             _, x, y = source.dense_batch(0, DENSE_TILES)
             self.batch = (x.to(device), y.to(device))
@@ -40,9 +41,7 @@ class HeldOut:
             num = den = 0.0
             for p in self.packs:
                 w = square_weights(p.labels, p.segments)
-                logits = module(p.input_ids[None], p.pixel_values, positions=p.positions[None],
-                                mask=block_causal_mask(p.segments))[0]
-                num += float(weighted_lm_loss_sum(logits, p.labels, w))
+                num += float(pack_loss_sum(module, p, w, self.bf16))
                 den += float(w.sum())
             return {"heldout_loss": round(num / max(den, 1e-9), 4)}
         finally:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from internvl35.config import get_config
-from internvl35.data.sft import ImageSettings, Pack, block_causal_mask, pack_stream
+from internvl35.data.sft import ImageSettings, Pack, pack_stream
 from internvl35.data.template import get_template
 from internvl35.data.tokenizer import Tokenizer, train_bpe
 from internvl35.hardware import matmul_peak_flops
@@ -29,7 +29,7 @@ from internvl35.train.config import Stage, TrainConfig
 from internvl35.train.data import ExampleSource, world_corpus
 from internvl35.train.dense import DenseWarmup
 from internvl35.train.heldout import HELDOUT_SEED_OFFSET, HeldOut
-from internvl35.train.losses import square_weights, weighted_lm_loss_sum
+from internvl35.train.losses import pack_loss_sum, square_weights
 from internvl35.train.parallel import Dist, parallelize
 from internvl35.train.report import MetricsLog
 
@@ -101,10 +101,7 @@ def make_optimizer(model: nn.Module, stage: Stage, cfg: TrainConfig):
 
 def micro_step(model, p: Pack, weights: torch.Tensor, scale: float, cfg: TrainConfig, moe_coef: float) -> float:
     """Forward + backward of one pack; returns its unscaled sum(w * CE)."""
-    with torch.autocast(p.input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        logits = model(p.input_ids[None], p.pixel_values, positions=p.positions[None],
-                       mask=block_causal_mask(p.segments))[0]
-    loss_sum = weighted_lm_loss_sum(logits, p.labels, weights)
+    loss_sum = pack_loss_sum(model, p, weights, cfg.precision == "bf16")
     loss = loss_sum * scale
     if moe_coef:
         moes = [m for m in model.modules() if isinstance(m, Qwen3MoE)]
@@ -127,8 +124,8 @@ def flop_weights(model: InternVLModel) -> tuple[int, int]:
     return (6 if trained(model.language_model) else 4 if upstream else 2) * llm, (6 if vision else 2) * vit
 
 
-def flops_per_pack(weights: tuple[int, int], patches: int, p: Pack) -> float:
-    llm, vit = weights
+def flops_per_pack(flop_w: tuple[int, int], patches: int, p: Pack) -> float:
+    llm, vit = flop_w
     tiles = 0 if p.pixel_values is None else p.pixel_values.shape[0]
     return llm * p.input_ids.numel() + vit * tiles * patches
 
@@ -142,7 +139,7 @@ class StepResult:
     flops: float
 
 
-def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, weights: tuple[int, int],
+def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, flop_w: tuple[int, int],
             patches: int) -> StepResult:
     """Forward + backward of one global batch of packs (this rank's share); gradients left in place."""
     step_packs = list(islice(packs, cfg.grad_accum))  # every rank builds the global batch
@@ -153,7 +150,7 @@ def lm_step(model, packs, cfg: TrainConfig, d: Dist, moe_coef: float, weights: t
     return StepResult(loss=d.all_reduce_sum(loss_sum) / total_w, next_example=step_packs[-1][0],
                       tokens=sum(p.input_ids.numel() for _, p in step_packs),
                       samples=sum(p.num_examples for _, p in step_packs),
-                      flops=sum(flops_per_pack(weights, patches, p) for _, p in step_packs))
+                      flops=sum(flops_per_pack(flop_w, patches, p) for _, p in step_packs))
 
 
 def dense_step(warmup: DenseWarmup, source: ExampleSource, start: int, tiles: int, d: Dist,
@@ -181,7 +178,7 @@ def heldout_for(stage: Stage, cfg: TrainConfig, tok: Tokenizer, template, settin
                 model: InternVLModel, d: Dist) -> HeldOut:
     source = ExampleSource(stage, tok, template, settings, cfg.seed + HELDOUT_SEED_OFFSET,
                            model.cfg.system_message, model.cfg.vision.patch_size)
-    return HeldOut(source, stage.objective == "dense", cfg.max_tokens, d.device)
+    return HeldOut(source, stage.objective == "dense", cfg.max_tokens, d.device, cfg.precision == "bf16")
 
 
 def stage_module(model: InternVLModel, stage: Stage, d: Dist, seed: int) -> nn.Module:
@@ -225,7 +222,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         stage = cfg.stages[si]
         dense = stage.objective == "dense"
         wrapped = stage_module(model, stage, d, cfg.seed)
-        weights = flop_weights(model)
+        flop_w = flop_weights(model)
         opt, sched = make_optimizer(wrapped, stage, cfg)
         if blobs is not None and state["stage_step"] > 0:
             # mid-stage: continue the stage's optimizer; at a stage boundary the new stage starts
@@ -242,9 +239,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         while state["stage_step"] < stage.steps:
             t0 = time.perf_counter()
             if dense:
-                step = dense_step(wrapped, source, state["next_example"], stage.batch_tiles, d, weights[1])
+                step = dense_step(wrapped, source, state["next_example"], stage.batch_tiles, d, flop_w[1])
             else:
-                step = lm_step(wrapped, packs, cfg, d, moe_coef, weights, model.cfg.vision.grid**2 + 1)
+                step = lm_step(wrapped, packs, cfg, d, moe_coef, flop_w, model.cfg.vision.grid**2 + 1)
             gnorm = torch.nn.utils.clip_grad_norm_([q for q in wrapped.parameters() if q.requires_grad],
                                                    cfg.grad_clip)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)

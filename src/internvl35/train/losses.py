@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from internvl35.data.sft import IGNORE
+from internvl35.data.sft import IGNORE, Pack, block_causal_mask
 
 
 def square_weights(labels: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -24,3 +24,12 @@ def weighted_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: to
     target = labels[1:].clamp(min=0)
     ce = F.cross_entropy(logits[:-1].float(), target, reduction="none")
     return (ce * weights).sum()
+
+
+def pack_loss_sum(model: torch.nn.Module, p: Pack, weights: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Forward of one pack (block-diagonal attention, positions restarting per example) and its
+    sum(w * CE), under bf16 autocast when training in bf16."""
+    with torch.autocast(p.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(p.input_ids[None], p.pixel_values, positions=p.positions[None],
+                       mask=block_causal_mask(p.segments))[0]
+    return weighted_lm_loss_sum(logits, p.labels, weights)
