@@ -74,10 +74,18 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return torch.matmul(probs, v).reshape(B, H, 1, D)
 
 
-@torch.compiler.assume_constant_result
 def _threads() -> int:
-    """The intra-op thread count; a constant inside a compiled graph (reading it would break it)."""
+    """The intra-op thread count (a constant inside compiled graphs once `prepare_compile` ran)."""
     return torch.get_num_threads()
+
+
+def prepare_compile() -> None:
+    """Make `_threads()` a constant inside compiled graphs (reading it would break the graph). Done on
+    the first compile rather than at import: the decorator imports torch._dynamo, seconds of start-up
+    for every command."""
+    global _threads
+    if not hasattr(_threads, "__wrapped__"):
+        _threads = torch.compiler.assume_constant_result(_threads)
 
 
 # Up to this many rows (decode steps of a batch), a product runs as the thread-split batched matmul;
@@ -154,6 +162,15 @@ class FusedLinears:
         if all(b is not None for b in buffers):
             return list(linear(x, *buffers).split(self.sizes, -1))
         return [m(x) for m in self.mods]
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter and name) without the random init on the meta device, where the
+    loader fills it anyway: `normal_` on meta tensors imports torch._dynamo, seconds per process."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class Linear(nn.Linear):

@@ -20,8 +20,9 @@ class StackedExperts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, dim))  # [E, 2I, D]
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter))  # [E, D, I]
-        nn.init.normal_(self.gate_up_proj, std=0.02)
-        nn.init.normal_(self.down_proj, std=0.02)
+        if not self.down_proj.is_meta:  # a loader fills them (and normal_ on meta imports torch._dynamo)
+            nn.init.normal_(self.gate_up_proj, std=0.02)
+            nn.init.normal_(self.down_proj, std=0.02)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D]; expert_ids, weights [N, k] -> [N, D]."""

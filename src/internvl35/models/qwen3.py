@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
-from internvl35.models.layers import (AttentionCache, FusedLinears, Linear, RMSNorm, apply_rope, attention,
+from internvl35.models.layers import (AttentionCache, Embedding, FusedLinears, Linear, RMSNorm, apply_rope, attention,
                                       linear, rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
@@ -76,7 +76,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False

@@ -83,10 +83,10 @@ class InternVisionEncoderLayer(nn.Module):
         C = cfg.hidden_size
         self.norm1 = _norm(cfg, C)
         self.attn = InternAttention(cfg)
-        self.ls1 = nn.Parameter(cfg.layer_scale_init * torch.ones(C))
+        self.ls1 = nn.Parameter(torch.full((C,), cfg.layer_scale_init))
         self.norm2 = _norm(cfg, C)
         self.mlp = InternMLP(cfg)
-        self.ls2 = nn.Parameter(cfg.layer_scale_init * torch.ones(C))
+        self.ls2 = nn.Parameter(torch.full((C,), cfg.layer_scale_init))
         self.drop_path = drop_path
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
