@@ -74,6 +74,8 @@ def _compiled_decode_step() -> Callable:
     compiler takes seconds that commands without `--compile` should not pay."""
     prepare_compile()
     return torch.compile(_decode_step, dynamic=False)
+
+
 CACHE_BUCKET = 256  # compiled steps round the cache length up to this, so prompts share graphs
 
 

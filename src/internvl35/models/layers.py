@@ -82,10 +82,9 @@ def _threads() -> int:
 def prepare_compile() -> None:
     """Make `_threads()` a constant inside compiled graphs (reading it would break the graph). Done on
     the first compile rather than at import: the decorator imports torch._dynamo, seconds of start-up
-    for every command."""
+    for every command. Marking twice is harmless."""
     global _threads
-    if not hasattr(_threads, "__wrapped__"):
-        _threads = torch.compiler.assume_constant_result(_threads)
+    _threads = torch.compiler.assume_constant_result(_threads)
 
 
 # Up to this many rows (decode steps of a batch), a product runs as the thread-split batched matmul;
