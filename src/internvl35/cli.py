@@ -18,6 +18,9 @@ _state = {"debug": False}
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
     _state["debug"] = debug
+    from internvl35.hardware import reuse_freed_memory
+
+    reuse_freed_memory()  # every command runs forward passes; see the function for the figures
 
 
 def _run(fn: Callable[[], None]) -> None:

@@ -29,34 +29,39 @@ class StepLayout:
 def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
                  device: torch.device) -> StepLayout:
     """entries: per sequence (block table, tokens already cached, new tokens), in flat-row order."""
-    slots, prefills, dec_rows, dec_slots = [], [], [], []
+    slots: list[int] = []  # the new tokens' cache slots, in flat-row order
+    prefills, dec_rows, dec_tables, dec_lens = [], [], [], []
     row = 0
     for table, cached, new in entries:
         ctx = cached + new
-        table_t = torch.tensor(table, dtype=torch.long)
-        all_slots = (table_t[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
-        slots.append(all_slots[cached:])
+        # plain ints: a decode step has one entry per running sequence, tensors per entry cost more
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, ctx)]
         if new == 1 and cached > 0:
             dec_rows.append(row)
-            dec_slots.append(all_slots)
+            dec_tables.append(table)
+            dec_lens.append(ctx)
         else:
             mask = None
             if cached:  # causal with an offset: query j sees keys <= cached + j
                 q = torch.arange(cached, ctx)[:, None]
                 mask = (torch.arange(ctx)[None, :] <= q)[None, None].to(device)
-            prefills.append((row, row + new, all_slots.to(device), mask))
+            prefills.append((row, row + new, _slots(torch.tensor(table), block_size)[:ctx].to(device), mask))
         row += new
-    layout = StepLayout(torch.cat(slots).to(device), prefills, None, None, None)
+    layout = StepLayout(torch.tensor(slots, device=device), prefills, None, None, None)
     if dec_rows:
-        S = max(len(s) for s in dec_slots)
-        padded = torch.zeros(len(dec_slots), S, dtype=torch.long)
-        mask = torch.zeros(len(dec_slots), S, dtype=torch.bool)
-        for i, s in enumerate(dec_slots):
-            padded[i, :len(s)] = s
-            mask[i, :len(s)] = True
+        S = max(dec_lens)
+        width = -(-S // block_size)
+        tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in dec_tables])
+        lens = torch.tensor(dec_lens)
         layout.decode_rows = torch.tensor(dec_rows, device=device)
-        layout.decode_slots, layout.decode_mask = padded.to(device), mask[:, None, None].to(device)
+        layout.decode_slots = _slots(tables, block_size)[:, :S].contiguous().to(device)  # padding: masked
+        layout.decode_mask = (torch.arange(S)[None] < lens[:, None])[:, None, None].to(device)
     return layout
+
+
+def _slots(tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block tables [..., n] -> the cache slots of their positions [..., n * block_size]."""
+    return (tables[..., None] * block_size + torch.arange(block_size)).flatten(-2)
 
 
 class PagedKVCache:
