@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import internvl35
-from internvl35.hardware import best_of, matmul_peak_flops, memory_bandwidth
+from internvl35.hardware import best_of, matmul_peak_flops, memory_bandwidth, reuse_freed_memory
 from internvl35.config import get_config
 from internvl35.data.tokenizer import train_bpe
 from internvl35.generate import generate_stream
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the CLI does; the same for both systems in this process
     from transformers import InternVLForConditionalGeneration
 
     cfg = get_config(args.preset)

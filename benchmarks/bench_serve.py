@@ -26,6 +26,7 @@ import torch
 import internvl35
 from internvl35.data.world import generate as world_sample
 from internvl35.engine.llm_engine import EngineConfig, LLMEngine
+from internvl35.hardware import reuse_freed_memory
 from internvl35.sampling import SamplingParams
 from internvl35.weights.convert import write_checkpoint
 
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="the engine's KV cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the CLI does; the same for both systems in this process
     from transformers import InternVLForConditionalGeneration
 
     tmp = Path(tempfile.mkdtemp())
