@@ -43,9 +43,10 @@ def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256
 
     By default glibc maps a block above its dynamic threshold (128 KB, rising to the largest block
     freed) from fresh kernel pages and returns free memory at the heap's top beyond twice that, so
-    forward passes keep paying page faults that zero their activations again: mini's ViT over 64 tiles on 2 cores took 238-249 ms that way vs 176 ms with
-    blocks up to 32 MB kept (the same job tcmalloc/jemalloc do for CPU inference elsewhere). The
-    cost is up to `trim_threshold` of freed memory staying resident.
+    forward passes keep paying page faults that zero their activations again: mini's ViT over 64
+    tiles on 2 cores took 238-249 ms that way vs 176 ms with blocks up to 32 MB kept (the job
+    tcmalloc/jemalloc do for CPU inference elsewhere). The cost is up to `trim_threshold` of freed
+    memory staying resident.
     """
     import ctypes
 

@@ -34,24 +34,27 @@ def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
     row = 0
     for table, cached, new in entries:
         ctx = cached + new
-        # plain ints: a decode step has one entry per running sequence, tensors per entry cost more
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, ctx)]
         if new == 1 and cached > 0:
+            # a decode: plain ints (one entry per running sequence; tensors per entry cost more),
+            # its context slots are built below for all decodes at once
+            slots.append(table[cached // block_size] * block_size + cached % block_size)
             dec_rows.append(row)
             dec_tables.append(table)
             dec_lens.append(ctx)
         else:
+            all_slots = _slots(torch.tensor(table), block_size)[:ctx]
+            slots += all_slots[cached:].tolist()
             mask = None
             if cached:  # causal with an offset: query j sees keys <= cached + j
                 q = torch.arange(cached, ctx)[:, None]
                 mask = (torch.arange(ctx)[None, :] <= q)[None, None].to(device)
-            prefills.append((row, row + new, _slots(torch.tensor(table), block_size)[:ctx].to(device), mask))
+            prefills.append((row, row + new, all_slots.to(device), mask))
         row += new
     layout = StepLayout(torch.tensor(slots, device=device), prefills, None, None, None)
     if dec_rows:
         S = max(dec_lens)
         width = -(-S // block_size)
-        tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in dec_tables])
+        tables = torch.tensor([(t + [0] * width)[:width] for t in dec_tables])
         lens = torch.tensor(dec_lens)
         layout.decode_rows = torch.tensor(dec_rows, device=device)
         layout.decode_slots = _slots(tables, block_size)[:, :S].contiguous().to(device)  # padding: masked
