@@ -15,7 +15,7 @@ the language server only reads each image's header (`probe`) and sends the file;
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
-    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6]
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6] [--compile]
 """
 
 from __future__ import annotations
@@ -143,18 +143,20 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
     return {"req_s": n / total, "latency_s": sum(latencies) / n, "cpu_s_per_request": cpu}
 
 
-def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles) -> dict:
+def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles,
+             compile: bool = False) -> dict:
     port, procs = free_port(), []
+    flags = ["--compile"] if compile else []  # the language side's decode steps (compiled at start-up)
     try:
         if mode == "coupled":
             procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
-                                 "--threads", str(len(cores[0]))], cores[0]))
+                                 "--threads", str(len(cores[0])), *flags], cores[0]))
         else:
             vport = free_port()
             procs.append(launch(["serve-vision", "--model", str(ckpt), "--bind", f"tcp://127.0.0.1:{vport}",
                                  "--threads", "1"], cores[1]))
             procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
-                                 "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}"], cores[0]))
+                                 "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}", *flags], cores[0]))
         extra = {**(FLASH if mode.endswith("router") else {}), "max_tiles": max_tiles}
         names = ["server"] if mode == "coupled" else ["vision", "language"]
         return asyncio.run(load_test(port, urls, conc, tokens, extra, {k: p.pid for k, p in zip(names, procs)}))
@@ -279,6 +281,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-tiles", type=int, default=6)
+    ap.add_argument("--compile", action="store_true", help="servers and stage times decode through torch.compile")
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 CPU cores")
@@ -290,10 +293,13 @@ def main() -> None:
         ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
         modes = {"coupled_1core": ("coupled", ({c0}, {c0})), "coupled_2cores": ("coupled", ({c0, c1}, {c0, c1})),
                  "dvd": ("dvd", ({c0}, {c1})), "dvd_router": ("dvd_router", ({c0}, {c1}))}
-        sts, res, cm = {}, {}, internvl35.load(ckpt)
+        sts, res, cm = {}, {}, internvl35.load(ckpt, compile=args.compile)
+        torch.set_num_threads(1)  # as in `stage_times`: a compiled step keeps the thread count it saw
+        LLMEngine(cm).warmup()  # compiles the decode steps (with --compile) before any timing
         for key, (mode, cores) in modes.items():
             sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
-            res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles)
+            res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
+                                args.compile)
         out[name] = report(name, sts, res)
     print(json.dumps(out))
 

@@ -1,13 +1,14 @@
 """Serving benchmark: the internvl35 engine vs transformers `generate` (batched) on the same weights.
 
 For N multimodal requests (mini-world images: 1-tile scenes, multi-tile high-resolution images,
-multi-image prompts) at concurrency 1 / 8 / 32, both systems produce exactly `--max-tokens` tokens
-per request (end-of-sequence ignored) from the same preprocessed prompts. The engine keeps
+multi-image prompts) at concurrency 1 / 8 / 32, both systems produce up to `--max-tokens` tokens per
+request (exactly that many with `--ignore-eos`) from the same preprocessed prompts. The engine keeps
 `concurrency` requests in flight (a new one enters as soon as one finishes); transformers runs
 left-padded batches of `concurrency` requests. Reported side by side in one run (medians of alternating rounds): request
 throughput, mean TTFT, mean time per output token, and the engine / transformers throughput ratio.
 
     .venv/bin/python benchmarks/bench_serve.py                 # mini
+    .venv/bin/python benchmarks/bench_serve.py --compile       # the engine's decode steps compiled
     .venv/bin/python benchmarks/bench_serve.py --model 1B --n 8 --concurrency 1 8 --max-tokens 8
 """
 
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating engine/transformers rounds (medians)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="the engine's KV cache")
+    ap.add_argument("--compile", action="store_true", help="the engine decodes through torch.compile "
+                    "(`internvl35 serve --compile`); compiled before timing, as the server does at start-up")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the CLI does; the same for both systems in this process
@@ -169,13 +172,18 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     ours_dir, hf_dir = checkpoint_dirs(args.model, tmp)
-    cm = internvl35.load(ours_dir)
+    cm = internvl35.load(ours_dir, compile=args.compile)
+    t = time.perf_counter()
+    LLMEngine(cm, EngineConfig(kv_cache_bytes=2**28)).warmup()
+    if args.compile:
+        print(f"engine decode step compiled in {time.perf_counter() - t:.1f} s", flush=True)
     hf = InternVLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompts = workload(cm, args.n)
     tiles = sum(sum(p.tiles_per_image) for p in prompts)
     limit = f"exactly {args.max_tokens}" if args.ignore_eos else f"up to {args.max_tokens} (stop at EOS)"
     print(f"{args.model}: {args.n} requests, {tiles} tiles, {sum(len(p.input_ids) for p in prompts)} prompt "
-          f"tokens, {limit} output tokens each, {args.threads} threads", flush=True)
+          f"tokens, {limit} output tokens each, {args.threads} threads, engine "
+          f"{'compiled' if args.compile else 'eager'}", flush=True)
     rows = {}
     for c in args.concurrency:
         # alternating rounds, medians: this machine's speed drifts by tens of percent within minutes

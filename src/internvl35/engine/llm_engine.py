@@ -21,6 +21,7 @@ from internvl35.engine.paged_cache import PagedKVCache
 from internvl35.engine.scheduler import Scheduler
 from internvl35.engine.sequence import Sequence
 from internvl35.errors import InputError
+from internvl35.models.layers import SPLIT_MAX_ROWS
 from internvl35.sampling import SamplingParams
 
 
@@ -59,7 +60,7 @@ class LLMEngine:
         self.num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // per_block)
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.num_blocks, cfg.block_size)
+        self.runner = ModelRunner(self.model, self.num_blocks, cfg.block_size, chat_model.compile)
         self.features = FeatureCache(cfg.vision_cache_bytes)
         self.stop_ids = chat_model.stop_ids
         self.max_len = t.max_position_embeddings
@@ -177,6 +178,19 @@ class LLMEngine:
             self.stats["requests_finished"] += 1
         return RequestOutput(seq.request_id, seq.index, [tok], delta, reason is not None, reason,
                              seq.num_prompt_tokens, len(seq.completion_ids))
+
+    def warmup(self) -> None:
+        """Compile the decode-step graphs before serving when the model decodes through torch.compile:
+        one for a single sequence, one for 2..SPLIT_MAX_ROWS, one for larger batches (dynamic shapes
+        cover the sizes within each), so no request waits for the compiler. A no-op otherwise."""
+        if not self.runner.compile:
+            return
+        stats = dict(self.stats)
+        prompt = self.chat_model.build_prompt("Hello.")
+        for n in (1, 2, SPLIT_MAX_ROWS + 1):
+            if n <= self.config.max_num_seqs:
+                self.generate([prompt] * n, SamplingParams(max_new_tokens=3, ignore_eos=True))
+        self.stats = stats
 
     def generate(self, prompts: list[Prompt | EncodedPrompt],
                  params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -6,17 +6,40 @@ forward over a single flat row and returns one sampled token per sequence.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from internvl35.engine.paged_cache import PagedKVCache, build_layout
 from internvl35.engine.sequence import Sequence
 from internvl35.models.internvl import InternVLModel
+from internvl35.models.layers import prepare_compile
+from internvl35.models.qwen3 import fused_projections_intact
 from internvl35.sampling import sample_next
 
 
+def _decode_logits(model: InternVLModel, ids: torch.Tensor, positions: torch.Tensor,
+                   cache: PagedKVCache) -> torch.Tensor:
+    """A step where every sequence adds one token: ids/positions [1, B] -> logits [B, V]."""
+    lm = model.language_model
+    return lm.logits(lm.model(lm.model.embed_tokens(ids), positions, cache)[0])
+
+
+@functools.cache
+def _compiled_decode_logits() -> Callable:
+    """`_decode_logits` as one graph for any batch size and context length (dynamic shapes: one
+    compile serves the whole run instead of one per batch size and length)."""
+    prepare_compile()
+    return torch.compile(_decode_logits, dynamic=True, options={"realize_opcount_threshold": 0})
+
+
 class ModelRunner:
-    def __init__(self, model: InternVLModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: InternVLModel, num_blocks: int, block_size: int, compile: bool = False) -> None:
         self.model = model
+        if compile and not fused_projections_intact(model):
+            raise ValueError("compiled decoding needs the fused projections of `fuse_projections_` intact")
+        self.compile = compile  # steps of single new tokens through torch.compile
         t = model.cfg.text
         p = model.language_model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
@@ -53,6 +76,10 @@ class ModelRunner:
         ids, positions, image_slots, feats = self._inputs(batch)
         entries = [(seq.block_table, seq.num_computed, n) for seq, n in batch]
         self.cache.layout = build_layout(entries, self.block_size, self.device)
+        if self.compile and ids.shape[1] == len(batch) and all(seq.num_computed for seq, _ in batch):
+            logits = _compiled_decode_logits()(self.model, ids, positions, self.cache)
+            self.cache.layout = None
+            return self.sample(logits, [seq for seq, _ in batch])
         lm = self.model.language_model
         h = lm.model.embed_tokens(ids)  # [1, T, D]
         if feats is not None:  # image rows are placed by span, not by token id

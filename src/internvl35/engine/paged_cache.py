@@ -57,8 +57,11 @@ def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
         tables = torch.tensor([(t + [0] * width)[:width] for t in dec_tables])
         lens = torch.tensor(dec_lens)
         layout.decode_rows = torch.tensor(dec_rows, device=device)
-        layout.decode_slots = _slots(tables, block_size)[:, :S].contiguous().to(device)  # padding: masked
-        layout.decode_mask = (torch.arange(S)[None] < lens[:, None])[:, None, None].to(device)
+        pos = torch.arange(S)
+        # gathered afresh: canonical [B, S] strides even for one row (a compiled step guards on them);
+        # the padding is masked
+        layout.decode_slots = (tables[:, pos // block_size] * block_size + pos % block_size).to(device)
+        layout.decode_mask = (pos[None] < lens[:, None])[:, None, None].to(device)
     return layout
 
 
@@ -68,13 +71,15 @@ def _slots(tables: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 class PagedKVCache:
-    """K/V pools [layers, num_blocks * block_size, K, Dh]; implements `AttentionCache`."""
+    """K/V pools [num_blocks * block_size, K, Dh], one pair per layer; implements `AttentionCache`."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        # Separate tensors per layer: a compiled step writing into a slice of one shared tensor would
+        # copy the whole tensor.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.layout: StepLayout | None = None
 
