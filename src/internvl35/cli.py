@@ -133,7 +133,8 @@ def serve_vision(
     model: str = typer.Option("mini", "--model", "-m", help="Checkpoint directory or 'mini'."),
     bind: str = typer.Option("tcp://127.0.0.1:5555", "--bind", help="ZeroMQ endpoint to listen on."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the vision tower."),
-    max_batch_tiles: int = typer.Option(64, "--max-batch-tiles", help="Most tiles encoded in one pass."),
+    max_batch_tiles: Optional[int] = typer.Option(None, "--max-batch-tiles", help="Most tiles encoded in one pass "
+                                                  "(default: about 1024 ViT tokens; a request never splits)."),
     decode_workers: int = typer.Option(2, "--decode-workers",
                                        help="Threads decoding and tiling image files while the ViT runs (0: inline)."),
 ) -> None:
