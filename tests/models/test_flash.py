@@ -76,3 +76,22 @@ def test_router_pooling_equals_released_multihead_attention_form():
     g_ours = torch.autograd.grad(ours.square().sum(), [x, pool.attn2.in_proj_weight])
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_requests_encoded_together_equal_one_by_one(tmp_path, tokenizer, image):
+    """Routed and plain requests in one pass: the router decides per request and each projector runs
+    once over the tiles it serves; every request gets what it gets alone."""
+    from PIL import Image
+
+    cm = internvl35.load(write_tiny(tmp_path / "f", tokenizer))
+    m = cm.model
+    noise = Image.fromarray(torch.randint(0, 256, (300, 110, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    a, b = (cm.build_prompt("Q", [im], max_tiles=6).pixel_values for im in (image, noise))
+    reqs = [a, b[:2], b, a[:1], a]
+    flash = [(0.0, 0.0), None, (0.5, 0.0), (0.0, 0.0), (0.3, 0.0)]
+    together = m.encode_requests(reqs, flash)
+    alone = [m.encode_images(r, f) for r, f in zip(reqs, flash)]
+    assert [t[1] for t in together] == [a[1] for a in alone]
+    assert all(torch.allclose(t[0], a[0], atol=1e-6) for t, a in zip(together, alone))
+    assert together[0][1].count(m.cfg.num_flash_token) >= 1 and set(together[1][1]) == {m.cfg.num_image_token}

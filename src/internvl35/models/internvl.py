@@ -6,6 +6,8 @@ and the two halves of decoupled (vision server / language server) deployment.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,32 +59,45 @@ class InternVLModel(nn.Module):
         `flash=(relative, absolute)` runs the router over the request's tiles and keeps 64 tokens for
         the tiles it compresses; without it every tile gets 256 tokens (Flash weights unused).
         """
-        return self.features_from_vit(self.vit_tokens(pixel_values), flash)
+        return self.features_from_vit(self.vit_tokens(pixel_values), [pixel_values.shape[0]], [flash])[0]
 
     def encode_requests(self, pixel_values: list[torch.Tensor], flash: list[tuple[float, float] | None]
                         ) -> list[tuple[torch.Tensor, list[int]]]:
         """Several requests' tiles in one ViT pass (larger matmuls: 126 mini tiles took 0.55-0.65 s
-        together vs 0.9-1.0 s request by request), then the projector and router per request."""
-        vit = self.vit_tokens(torch.cat(pixel_values))
-        out, start = [], 0
-        for pv, f in zip(pixel_values, flash):
-            out.append(self.features_from_vit(vit[start:start + pv.shape[0]], f))
-            start += pv.shape[0]
-        return out
+        together vs 0.9-1.0 s request by request), then one pass of each projector over them."""
+        vit = self.vit_tokens(pixel_values[0] if len(pixel_values) == 1 else torch.cat(pixel_values))
+        return self.features_from_vit(vit, [pv.shape[0] for pv in pixel_values], flash)
 
-    def features_from_vit(self, vit: torch.Tensor, flash: tuple[float, float] | None = None
-                          ) -> tuple[torch.Tensor, list[int]]:
-        """The projector (and router) half of `encode_images`, for ViT tokens [N, P, C] of one request."""
-        full = self.project(vit)  # [N, 256, D]
-        if flash is None:
-            return full.reshape(-1, full.shape[-1]), [full.shape[1]] * full.shape[0]
+    def features_from_vit(self, vit: torch.Tensor, sizes: list[int], flash: list[tuple[float, float] | None]
+                          ) -> list[tuple[torch.Tensor, list[int]]]:
+        """The projector (and router) half of `encode_requests`: ViT tokens [N, P, C] of requests with
+        `sizes` tiles each -> per request (features [M, D], tokens per tile).
+
+        The router decides per request (its quantile spans the request's tiles); then each tile goes
+        through its own projector only, each projector once over all its tiles (vit-heavy model, two
+        7-tile requests on one thread: 14.6 ms, vs 19.5 ms request by request and 24.1 ms with both
+        projectors over every tile; identical features).
+        """
+        bounds = list(itertools.accumulate(sizes, initial=0))
+        routed = [i for i, f in enumerate(flash) if f is not None]
+        if not routed:
+            full = self.project(vit)  # [N, 256, D]
+            return [(full[a:b].reshape(-1, full.shape[-1]), [full.shape[1]] * (b - a))
+                    for a, b in zip(bounds, bounds[1:])]
         if self.cfg.flash is None:
             raise ValueError("flash thresholds given but this checkpoint has no Flash router")
-        small = self.project_flash(vit)  # [N, 64, D]
-        p = F.softmax(self.router_logits(vit).float(), dim=-1)[:, 0]
-        compress = flash_compress_decision(p, *flash).tolist()
-        tiles = [small[i] if c else full[i] for i, c in enumerate(compress)]
-        return torch.cat(tiles), [t.shape[0] for t in tiles]
+        rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in routed]).to(vit.device)
+        p = F.softmax(self.router_logits(vit[rows]).float(), dim=-1)[:, 0]
+        compress = torch.zeros(vit.shape[0], dtype=torch.bool, device=vit.device)
+        done = 0
+        for i in routed:
+            compress[bounds[i]:bounds[i + 1]] = flash_compress_decision(p[done:done + sizes[i]], *flash[i])
+            done += sizes[i]
+        n = int(compress.sum())
+        small = iter(self.project_flash(vit[compress]) if n else ())  # [n, 64, D]
+        full = iter(self.project(vit[~compress]) if n < len(compress) else ())  # [N - n, 256, D]
+        tiles = [next(small) if c else next(full) for c in compress.tolist()]
+        return [(torch.cat(tiles[a:b]), [t.shape[0] for t in tiles[a:b]]) for a, b in zip(bounds, bounds[1:])]
 
     # --- language side -------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
