@@ -133,14 +133,30 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
     # serving cores (with coupled serving on one core it has the other to itself)
     cpu0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
     c0 = time.process_time()
+    m0 = engine_counts(port)
     t0 = time.perf_counter()
     await asyncio.gather(*(one(u) for u in urls[:-1]))
     total = time.perf_counter() - t0
     n = len(latencies)
     cpu = {k: round((cpu_seconds(pid) - cpu0[k]) / n, 5) for k, pid in servers.items()}
     cpu["client"] = round((time.process_time() - c0) / n, 5)
+    m1 = engine_counts(port)
     await client.close()
-    return {"req_s": n / total, "latency_s": sum(latencies) / n, "cpu_s_per_request": cpu}
+    # new tokens per LLM step: how large the decode batches were (steps of small batches cost
+    # nearly as much as large ones, so this tells how efficiently the LLM side ran)
+    per_step = (m1["generation_tokens"] - m0["generation_tokens"]) / max(m1["steps"] - m0["steps"], 1)
+    return {"req_s": n / total, "latency_s": sum(latencies) / n, "cpu_s_per_request": cpu,
+            "tokens_per_llm_step": round(per_step, 2)}
+
+
+def engine_counts(port: int) -> dict[str, float]:
+    """The serving engine's step and generated-token counters, from its Prometheus /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = dict(line.split()[:2] for line in text.splitlines() if line.startswith("internvl35_"))
+    return {"steps": float(values["internvl35_engine_steps_total"]),
+            "generation_tokens": float(values["internvl35_generation_tokens_total"])}
 
 
 def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles,
@@ -269,6 +285,7 @@ def report(name: str, sts: dict[str, dict], res: dict) -> dict:
         "transfer_share_of_latency": round(x / res["dvd"]["latency_s"], 4),
         "latency_s": {k: round(r["latency_s"], 3) for k, r in res.items()},
         "cpu_s_per_request": {k: r["cpu_s_per_request"] for k, r in res.items()},
+        "tokens_per_llm_step": {k: r["tokens_per_llm_step"] for k, r in res.items()},
     }
     print(f"== {name} ==\n{json.dumps(lines, indent=2)}", flush=True)
     return lines
