@@ -86,17 +86,16 @@ class ModelRunner:
         ids, positions, image_slots, feats = self._inputs(batch)
         entries = [(seq.block_table, seq.num_computed, n) for seq, n in batch]
         self.cache.layout = build_layout(entries, self.block_size, self.device)
-        if self.compile and ids.shape[1] == len(batch) and all(seq.num_computed for seq, _ in batch):
+        if self.compile and not self.cache.layout.prefills:  # every sequence adds one token
             logits = _compiled_decode_logits()(self.model, ids, positions, self.cache)
-            self.cache.layout = None
-            return self.sample(logits, [seq for seq, _ in batch])
-        lm = self.model.language_model
-        h = lm.model.embed_tokens(ids)  # [1, T, D]
-        if feats is not None:  # image rows are placed by span, not by token id
-            h = h.masked_scatter(image_slots[None, :, None], feats)
-        h = lm.model(h, positions, self.cache)
-        last = torch.tensor([n for _, n in batch], device=self.device).cumsum(0) - 1
-        logits = lm.logits(h[0, last])  # [N, V]
+        else:
+            lm = self.model.language_model
+            h = lm.model.embed_tokens(ids)  # [1, T, D]
+            if feats is not None:  # image rows are placed by span, not by token id
+                h = h.masked_scatter(image_slots[None, :, None], feats)
+            h = lm.model(h, positions, self.cache)
+            last = torch.tensor([n for _, n in batch], device=self.device).cumsum(0) - 1
+            logits = lm.logits(h[0, last])  # [N, V]
         self.cache.layout = None
         return self.sample(logits, [seq for seq, _ in batch])
 

@@ -42,7 +42,7 @@ def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
             dec_tables.append(table)
             dec_lens.append(ctx)
         else:
-            all_slots = _slots(torch.tensor(table), block_size)[:ctx]
+            all_slots = _slots(torch.tensor(table), block_size, torch.arange(ctx))
             slots += all_slots[cached:].tolist()
             mask = None
             if cached:  # causal with an offset: query j sees keys <= cached + j
@@ -58,16 +58,15 @@ def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
         lens = torch.tensor(dec_lens)
         layout.decode_rows = torch.tensor(dec_rows, device=device)
         pos = torch.arange(S)
-        # gathered afresh: canonical [B, S] strides even for one row (a compiled step guards on them);
-        # the padding is masked
-        layout.decode_slots = (tables[:, pos // block_size] * block_size + pos % block_size).to(device)
+        layout.decode_slots = _slots(tables, block_size, pos).to(device)  # padding: masked
         layout.decode_mask = (pos[None] < lens[:, None])[:, None, None].to(device)
     return layout
 
 
-def _slots(tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Block tables [..., n] -> the cache slots of their positions [..., n * block_size]."""
-    return (tables[..., None] * block_size + torch.arange(block_size)).flatten(-2)
+def _slots(tables: torch.Tensor, block_size: int, positions: torch.Tensor) -> torch.Tensor:
+    """Block tables [..., n] -> the cache slots of `positions` [P]: [..., P]. Gathered afresh, so the
+    result has canonical strides even for one row (a compiled step guards on them)."""
+    return tables[..., positions // block_size] * block_size + positions % block_size
 
 
 class PagedKVCache:
