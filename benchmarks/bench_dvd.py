@@ -15,7 +15,7 @@ the language server only reads each image's header (`probe`) and sends the file;
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
-    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6] [--compile]
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6] [--compile] [--pack-weights]
 """
 
 from __future__ import annotations
@@ -160,9 +160,9 @@ def engine_counts(port: int) -> dict[str, float]:
 
 
 def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles,
-             compile: bool = False) -> dict:
+             flags: list[str] = ()) -> dict:
+    """`flags`: of the language side (`--compile`, `--pack-weights`), the same for every mode."""
     port, procs = free_port(), []
-    flags = ["--compile"] if compile else []  # the language side's decode steps (compiled at start-up)
     try:
         if mode == "coupled":
             procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
@@ -299,6 +299,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-tiles", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="servers and stage times decode through torch.compile")
+    ap.add_argument("--pack-weights", action="store_true", help="servers and stage times decode with packed weights")
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 CPU cores")
@@ -310,13 +311,13 @@ def main() -> None:
         ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
         modes = {"coupled_1core": ("coupled", ({c0}, {c0})), "coupled_2cores": ("coupled", ({c0, c1}, {c0, c1})),
                  "dvd": ("dvd", ({c0}, {c1})), "dvd_router": ("dvd_router", ({c0}, {c1}))}
-        sts, res, cm = {}, {}, internvl35.load(ckpt, compile=args.compile)
+        sts, res, cm = {}, {}, internvl35.load(ckpt, compile=args.compile, pack_weights=args.pack_weights)
         torch.set_num_threads(1)  # as in `stage_times`: a compiled step keeps the thread count it saw
         LLMEngine(cm).warmup()  # compiles the decode steps (with --compile) before any timing
         for key, (mode, cores) in modes.items():
             sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
             res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
-                                args.compile)
+                                ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights)
         out[name] = report(name, sts, res)
     print(json.dumps(out))
 

@@ -21,7 +21,7 @@ from internvl35.data.video import load_frames
 from internvl35.errors import InputError
 from internvl35.generate import generate_stream
 from internvl35.models.internvl import InternVLModel, flash_keep_mask
-from internvl35.models.qwen3 import fuse_projections_
+from internvl35.models.qwen3 import fuse_projections_, pack_weights_
 from internvl35.sampling import SamplingParams
 from internvl35.weights.config_json import config_from_dict, read_config_json
 from internvl35.weights.loader import load_weights
@@ -234,13 +234,18 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu", part: str = "all", compile: bool = False) -> ChatModel:
+         device: str | torch.device = "cpu", part: str = "all", compile: bool = False,
+         pack_weights: bool = False) -> ChatModel:
     """Load a checkpoint directory of either format (auto-detected), or "mini", for inference;
     `part="vision"` / `"language"` loads one side only (decoupled serving); `compile` decodes with
-    torch.compile (a one-time compile per batch size and length bucket, then faster steps)."""
+    torch.compile (a one-time compile per batch size and length bucket, then faster steps);
+    `pack_weights` keeps a oneDNN-packed copy of the LLM weights for decode steps (fp32 CPU; the
+    LLM's size in memory again: see `PackedWeight`)."""
     path = resolve_path(path_or_preset)
     cfg, fmt = config_from_dict(read_config_json(path), name=path.name)
     tokenizer = Tokenizer.from_dir(path)
     model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
     fuse_projections_(model)
+    if pack_weights:
+        pack_weights_(model)
     return ChatModel(model, tokenizer, fmt, path, compile)

@@ -170,14 +170,17 @@ def test_identical_requests_finish_and_abort_independently(mini):
     assert sorted(finished) == ["a", "c"] and engine.block_manager.num_free == engine.num_blocks
 
 
-def test_compiled_decode_steps_match_eager(mini):
+@pytest.mark.parametrize("pack", [False, True])
+def test_compiled_decode_steps_match_eager(mini, pack):
     """Steps of single new tokens through torch.compile (dynamic batch size and context length) give
-    the eager engine's tokens; `warmup` compiles the graphs before serving, so requests compile nothing."""
+    the eager engine's tokens; `warmup` compiles the graphs before serving, so requests compile
+    nothing. With packed weights the graphs call the packed products."""
     from torch._dynamo.utils import counters
+    from torch.profiler import profile
 
     import internvl35
 
-    cm = internvl35.load("mini", compile=True)
+    cm = internvl35.load("mini", compile=True, pack_weights=pack)
     engine = LLMEngine(cm, EngineConfig(block_size=8, max_num_seqs=8))
     before = counters["stats"]["unique_graphs"]
     engine.warmup()
@@ -185,6 +188,9 @@ def test_compiled_decode_steps_match_eager(mini):
     assert engine.stats["requests_finished"] == 0  # the warm-up leaves no trace in the metrics
     prompts = mixed_prompts(cm, 10)
     params = [SamplingParams(max_new_tokens=4 + 3 * (i % 4)) for i in range(len(prompts))]
-    got = engine.generate(prompts, params)  # 10 requests, 8 at a time: decode batches of 8 down to 1
+    with profile() as prof:
+        got = engine.generate(prompts, params)  # 10 requests, 8 at a time: decode batches of 8 down to 1
     assert counters["stats"]["unique_graphs"] == before + 2
     assert got == LLMEngine(mini, EngineConfig(block_size=8)).generate(prompts, params)
+    ops = {e.name for e in prof.events()}
+    assert ("internvl35::packed_linear" in ops) == pack

@@ -21,7 +21,7 @@ from internvl35.engine.paged_cache import PagedKVCache
 from internvl35.engine.scheduler import Scheduler
 from internvl35.engine.sequence import Sequence
 from internvl35.errors import InputError
-from internvl35.models.layers import SPLIT_MAX_ROWS
+from internvl35.models.layers import PACKED_MAX_ROWS, SPLIT_MAX_ROWS
 from internvl35.sampling import SamplingParams
 
 
@@ -181,13 +181,14 @@ class LLMEngine:
 
     def warmup(self) -> None:
         """Compile the decode-step graphs before serving when the model decodes through torch.compile:
-        one for a single sequence, one for 2..SPLIT_MAX_ROWS, one for larger batches (dynamic shapes
-        cover the sizes within each), so no request waits for the compiler. A no-op otherwise."""
+        one per range of batch sizes that `linear` treats alike (1; 2..SPLIT_MAX_ROWS or, with packed
+        weights, 2..PACKED_MAX_ROWS; beyond), dynamic shapes covering the sizes within each, so no
+        request waits for the compiler. A no-op otherwise."""
         if not self.runner.compile:
             return
         stats = dict(self.stats)
         prompt = self.chat_model.build_prompt("Hello.")
-        for n in (1, 2, SPLIT_MAX_ROWS + 1):
+        for n in (1, 2, SPLIT_MAX_ROWS + 1, PACKED_MAX_ROWS + 1):  # sizes in one range reuse its graph
             if n <= self.config.max_num_seqs:
                 self.generate([prompt] * n, SamplingParams(max_new_tokens=3, ignore_eos=True))
         self.stats = stats

@@ -80,25 +80,74 @@ def _threads() -> int:
 
 
 def prepare_compile() -> None:
-    """Make `_threads()` a constant inside compiled graphs (reading it would break the graph). Done on
-    the first compile rather than at import: the decorator imports torch._dynamo, seconds of start-up
-    for every command. Marking twice is harmless."""
-    global _threads
+    """Make `_threads()` a constant inside compiled graphs (reading it would break the graph) and
+    register the packed product as an operator a graph calls as is (inductor lowers oneDNN's own op
+    only for weights frozen into the graph). Done on the first compile rather than at import: both
+    import torch._dynamo, seconds of start-up for every command. Calling twice is harmless."""
+    global _threads, _packed_op
     _threads = torch.compiler.assume_constant_result(_threads)
+    if _packed_op is None:
+        _packed_op = torch.library.custom_op("internvl35::packed_linear", mutates_args=())(_onednn_linear)
+        _packed_op.register_fake(lambda x, w, bias: x.new_empty((*x.shape[:-1], w.shape[0])))
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+_packed_op = None
+
+
+class PackedWeight:
+    """A copy of a [N, K] fp32 CPU weight in oneDNN's blocked layout, for products of a few rows
+    (decode steps), where MKL on the plain layout pays nearly per row. Measured on 2 cores, 1B
+    shapes, one layer's products: 13.6 / 16.2 / 21.5 / 46.4 ms at 2 / 4 / 8 / 32 rows vs 21.6 /
+    25.4 / 29.2 / 62.7 ms (the thread split below), equal at 1 and 456 rows; at 640+ rows it is
+    6-8% slower, so prefills keep the plain weight. `get` returns None once the weight it was
+    packed from has been replaced or modified in place (version counter)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: a row-count hint
+        self._source = self._key(weight)
+
+    @staticmethod
+    def _key(weight: torch.Tensor) -> tuple:
+        return weight.data_ptr(), weight._version, tuple(weight.shape)
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():  # a compiled caller checks `current` eagerly first
+            return self.tensor
+        return self.tensor if self.current(weight) else None
+
+    def current(self, weight: torch.Tensor) -> bool:
+        return self._key(weight) == self._source
+
+
+def packable(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 # Up to this many rows (decode steps of a batch), a product runs as the thread-split batched matmul;
 # beyond, F.linear's own threading wins (mini and 1B shapes on 2 cores: 1.1-2.4x faster at 1-32 rows,
 # 1.0-1.3x at 64-256, slower from 512).
 SPLIT_MAX_ROWS = 32
+PACKED_MAX_ROWS = 128  # a packed weight serves products up to this many rows (see PackedWeight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that a product of a few rows on a multi-threaded CPU (decode steps) runs as
-    a batched matmul over `threads` row blocks of the weight (a free view). MKL uses one core for
-    such shapes: measured on 2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37 GB/s."""
-    n = _threads()
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for products of a few rows (decode steps): from 2 rows through `packed` (a
+    `PackedWeight`'s tensor) when given, else, on a multi-threaded CPU, as a batched matmul over
+    `threads` row blocks of the weight (a free view). MKL uses one core for such shapes: measured on
+    2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37 GB/s. One row keeps the split,
+    which a compiled step turns into loops that stream the weight faster than the packed product
+    (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step)."""
     rows = x.numel() // x.shape[-1]
+    if packed is not None and 2 <= rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
+            return _packed_op(x, packed, bias)
+        return _onednn_linear(x, packed, bias)
+    n = _threads()
     if (n == 1 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or weight.shape[0] % n
             or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
@@ -122,6 +171,7 @@ class FusedLinears:
         self.mods, self.sizes = mods, [m.weight.shape[0] for m in mods]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
         self.has_bias = mods[0].bias is not None
+        self.packed: PackedWeight | None = None  # set by `pack` (inference on CPU)
         for name in self._names:
             buffer = torch.cat([getattr(m, name).detach() for m in mods])
             for m, row, n in zip(mods, self.offsets, self.sizes):
@@ -159,8 +209,20 @@ class FusedLinears:
         else:
             buffers = [None]
         if all(b is not None for b in buffers):
-            return list(linear(x, *buffers).split(self.sizes, -1))
+            packed = self.packed.get(buffers[0]) if self.packed is not None else None
+            return list(linear(x, *buffers, packed=packed).split(self.sizes, -1))
         return [m(x) for m in self.mods]
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed copy, if there is one and it still matches the fused weight."""
+        buffer = self._buffer("weight")
+        return None if self.packed is None or buffer is None else self.packed.get(buffer)
+
+    def pack(self) -> None:
+        """Keep a `PackedWeight` of the fused weight (only while the parameters are fused)."""
+        buffer = self._buffer("weight")
+        if buffer is not None and packable(buffer):
+            self.packed = PackedWeight(buffer)
 
 
 class Embedding(nn.Embedding):
@@ -173,10 +235,18 @@ class Embedding(nn.Embedding):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) routed through `linear()`."""
+    """nn.Linear (same parameters and names) routed through `linear()`, with an optional packed copy
+    of its weight for products of a few rows (`pack`)."""
+
+    packed: PackedWeight | None = None
+
+    def pack(self) -> None:
+        if packable(self.weight):
+            self.packed = PackedWeight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        packed = self.packed.get(self.weight) if self.packed is not None else None
+        return linear(x, self.weight, self.bias, packed)
 
 
 class AttentionCache(Protocol):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
-from internvl35.models.layers import (AttentionCache, Embedding, FusedLinears, Linear, RMSNorm, apply_rope, attention,
-                                      linear, rope_cos_sin)
+from internvl35.models.layers import (AttentionCache, Embedding, FusedLinears, Linear, PackedWeight, RMSNorm,
+                                      apply_rope, attention, linear, packable, rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
 
@@ -105,6 +105,36 @@ def fuse_projections_(model: nn.Module) -> None:
             m.gate_up = FusedLinears([m.gate_proj, m.up_proj])
 
 
+def pack_weights_(model: nn.Module) -> None:
+    """Give every LLM product a `PackedWeight` copy for decode steps (fp32 CPU models; the copy
+    costs the LLM's weight size in memory again). Products already fused pack their fused weight."""
+    for m in model.modules():
+        if any(p.is_meta for p in m.parameters()):
+            continue
+        if isinstance(m, Qwen3Attention):
+            fused = [m.qkv] if m.qkv is not None else [m.q_proj, m.k_proj, m.v_proj]
+            for f in fused + [m.o_proj]:
+                f.pack()
+        elif isinstance(m, Qwen3MLP):
+            for f in ([m.gate_up] if m.gate_up is not None else [m.gate_proj, m.up_proj]) + [m.down_proj]:
+                f.pack()
+        elif isinstance(m, Qwen3ForCausalLM) and packable(m.head_weight):
+            m.head_packed = PackedWeight(m.head_weight)
+
+
+def packed_weights_current(model: nn.Module) -> bool:
+    """Whether every packed copy still matches its weight (a compiled step uses them unchecked)."""
+    for m in model.modules():
+        if isinstance(m, Qwen3ForCausalLM) and m.head_packed is not None and not m.head_packed.current(m.head_weight):
+            return False
+        if isinstance(m, Linear) and m.packed is not None and not m.packed.current(m.weight):
+            return False
+        for f in (getattr(m, "qkv", None), getattr(m, "gate_up", None)):
+            if isinstance(f, FusedLinears) and f.packed is not None and f.packed_weight() is None:
+                return False
+    return True
+
+
 def fused_projections_intact(model: nn.Module) -> bool:
     """Whether every fused q/k/v and gate/up still reads one buffer (a compiled step assumes it)."""
     return all(f.fused() for m in model.modules() for f in (getattr(m, "qkv", None), getattr(m, "gate_up", None))
@@ -123,6 +153,7 @@ class Qwen3ForCausalLM(nn.Module):
                 "known, but attention sinks, sliding windows and its MoE are not implemented")
         self.model = Qwen3Model(cfg)
         self.tied = cfg.tie_embeddings if tie_embeddings is None else tie_embeddings
+        self.head_packed: PackedWeight | None = None  # set by `pack_weights_`
         if not self.tied:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -131,4 +162,11 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.head_weight)
+        packed = self.head_packed.get(self.head_weight) if self.head_packed is not None else None
+        return linear(hidden, self.head_weight, packed=packed)
+
+
+def weights_as_prepared(model: nn.Module) -> bool:
+    """Whether the fused projections and packed copies set up for inference still match the
+    parameters: a compiled step reads them unchecked, so its callers check this first."""
+    return fused_projections_intact(model) and packed_weights_current(model)

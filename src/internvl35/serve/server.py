@@ -17,12 +17,13 @@ from internvl35.serve.vision_client import RemoteVision
 
 def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | None = None,
                limits: ServerLimits = ServerLimits(), name: str | None = None,
-               vision: list[str] = (), vision_timeout_s: float = 30.0, compile: bool = False) -> FastAPI:
+               vision: list[str] = (), vision_timeout_s: float = 30.0, compile: bool = False,
+               pack_weights: bool = False) -> FastAPI:
     """The OpenAI server; with `vision` endpoints only the LLM is loaded and images go to those
     vision servers (decoupled deployment). `compile` decodes through torch.compile, compiled here
-    before the first request."""
+    before the first request; `pack_weights` as in `load`."""
     if isinstance(model, (str, Path)):
-        model = load(model, part="language" if vision else "all", compile=compile)
+        model = load(model, part="language" if vision else "all", compile=compile, pack_weights=pack_weights)
     llm = LLMEngine(model, engine_config)
     llm.warmup()
     engine = AsyncEngine(llm)
@@ -41,7 +42,7 @@ def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | No
 def run_server(model: str, host: str, port: int, media_dir: Path | None = None, max_images: int = 8,
                kv_cache_mb: int = 512, max_num_seqs: int = 64, vision: list[str] = (),
                vision_timeout_s: float = 30.0, threads: int | None = None, name: str | None = None,
-               log_level: str = "info", compile: bool = False) -> None:
+               log_level: str = "info", compile: bool = False, pack_weights: bool = False) -> None:
     import torch
     import uvicorn
 
@@ -50,5 +51,6 @@ def run_server(model: str, host: str, port: int, media_dir: Path | None = None, 
         torch.set_num_threads(threads)
     limits = ServerLimits(max_images=max_images, media=MediaLimits(local_dir=media_dir))
     config = EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, max_num_seqs=max_num_seqs)
-    app = create_app(model, config, limits, name, vision=vision, vision_timeout_s=vision_timeout_s, compile=compile)
+    app = create_app(model, config, limits, name, vision=vision, vision_timeout_s=vision_timeout_s, compile=compile,
+                     pack_weights=pack_weights)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,66 @@
+"""Packed (oneDNN blocked) weight copies for decode-sized products: same outputs as the plain
+weights, used exactly for 2..PACKED_MAX_ROWS rows, and ignored once a weight has changed."""
+
+import pytest
+import torch
+
+from internvl35.models import layers
+from internvl35.models.qwen3 import fuse_projections_, pack_weights_, weights_as_prepared
+from tests.models.test_fused import _forward, _lm
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+def _packed_calls(lm, x) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """Logits and the weight shapes of the products that went through a packed weight."""
+    calls = []
+    real = layers._onednn_linear
+    layers._onednn_linear = lambda x_, w, b: calls.append(tuple(w.shape)) or real(x_, w, b)
+    try:
+        with torch.inference_mode():
+            return _forward(lm, x), calls
+    finally:
+        layers._onednn_linear = real
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_packed_products_equal_plain_for_decode_rows_only(fuse):
+    lm = _lm(bias=True)
+    if fuse:
+        fuse_projections_(lm)
+    plain = {}
+    for rows in (1, 2, 7, layers.PACKED_MAX_ROWS + 1):
+        x = torch.randn(1, rows, 64)
+        with torch.inference_mode():
+            plain[rows] = (x, _forward(lm, x))
+    pack_weights_(lm)
+    qkv = (128, 64) if fuse else (64, 64)
+    for rows, (x, ref) in plain.items():
+        got, calls = _packed_calls(lm, x)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+        if 2 <= rows <= layers.PACKED_MAX_ROWS:  # every product of both layers and the head
+            assert qkv in calls and (64, 64) in calls and (50, 64) in calls
+            assert len(calls) == 2 * (2 + 2 if fuse else 3 + 1 + 3) + 1
+        else:
+            assert calls == []
+
+
+def test_changed_weights_invalidate_their_packed_copies():
+    lm = _lm()
+    fuse_projections_(lm)
+    pack_weights_(lm)
+    assert weights_as_prepared(lm)
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        lm.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # in place: the version counter moves
+        lm.model.layers[0].self_attn.q_proj.weight.mul_(0.5)  # a row block of the fused q|k|v buffer
+    assert not weights_as_prepared(lm)  # a compiled step would read stale copies: its callers refuse
+    got, calls = _packed_calls(lm, x)
+    assert calls.count((64, 96)) == 1 and calls.count((128, 64)) == 1  # only the other layer's copies
+    lm_ref = _lm()  # the same weights, never fused or packed, with the same changes
+    with torch.no_grad():
+        lm_ref.model.layers[1].mlp.down_proj.weight.mul_(2.0)
+        lm_ref.model.layers[0].self_attn.q_proj.weight.mul_(0.5)
+    with torch.inference_mode():
+        expected = _forward(lm_ref, x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
