@@ -7,6 +7,7 @@ it renders the template, tiles images, expands <IMG_CONTEXT>, applies Flash comp
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,6 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
     tokenizer = Tokenizer.from_dir(path)
     model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
     fuse_projections_(model)
-    if pack_weights:
-        pack_weights_(model)
+    if pack_weights and not pack_weights_(model):
+        warnings.warn("pack_weights applies to fp32 models on CPU (with oneDNN); loaded without packing")
     return ChatModel(model, tokenizer, fmt, path, compile)

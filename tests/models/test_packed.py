@@ -64,3 +64,13 @@ def test_changed_weights_invalidate_their_packed_copies():
     with torch.inference_mode():
         expected = _forward(lm_ref, x)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_packs_fp32_cpu_models_and_says_when_it_cannot():
+    import internvl35
+
+    m = internvl35.load("mini", pack_weights=True)
+    assert m.model.language_model.model.layers[0].mlp.down_proj.packed is not None
+    with pytest.warns(UserWarning, match="fp32 models on CPU"):
+        m = internvl35.load("mini", dtype=torch.bfloat16, pack_weights=True)
+    assert m.model.language_model.model.layers[0].mlp.down_proj.packed is None

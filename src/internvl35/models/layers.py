@@ -80,22 +80,27 @@ def _threads() -> int:
 
 
 def prepare_compile() -> None:
-    """Make `_threads()` a constant inside compiled graphs (reading it would break the graph) and
-    register the packed product as an operator a graph calls as is (inductor lowers oneDNN's own op
-    only for weights frozen into the graph). Done on the first compile rather than at import: both
-    import torch._dynamo, seconds of start-up for every command. Calling twice is harmless."""
-    global _threads, _packed_op
+    """Make `_threads()` a constant inside compiled graphs (reading it would break the graph). Done on
+    the first compile rather than at import: the decorator imports torch._dynamo, seconds of start-up
+    for every command. Marking twice is harmless."""
+    global _threads
     _threads = torch.compiler.assume_constant_result(_threads)
-    if _packed_op is None:
-        _packed_op = torch.library.custom_op("internvl35::packed_linear", mutates_args=())(_onednn_linear)
-        _packed_op.register_fake(lambda x, w, bias: x.new_empty((*x.shape[:-1], w.shape[0])))
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-_packed_op = None
+_packed_op = None  # `_onednn_linear` as an operator compiled graphs call as is (see PackedWeight)
+
+
+def _register_packed_op() -> None:
+    """Inductor lowers oneDNN's own op only for weights frozen into the graph, so compiled steps call
+    the packed product through an operator of ours (registered once, with the first packed weight)."""
+    global _packed_op
+    if _packed_op is None:
+        _packed_op = torch.library.custom_op("internvl35::packed_linear", mutates_args=())(_onednn_linear)
+        _packed_op.register_fake(lambda x, w, bias: x.new_empty((*x.shape[:-1], w.shape[0])))
 
 
 class PackedWeight:
@@ -107,6 +112,7 @@ class PackedWeight:
     packed from has been replaced or modified in place (version counter)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
+        _register_packed_op()
         self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: a row-count hint
         self._source = self._key(weight)
 
