@@ -9,6 +9,7 @@ throughput, mean TTFT, mean time per output token, and the engine / transformers
 
     .venv/bin/python benchmarks/bench_serve.py                 # mini
     .venv/bin/python benchmarks/bench_serve.py --compile       # the engine's decode steps compiled
+    .venv/bin/python benchmarks/bench_serve.py --compile --pack-weights   # + packed LLM weights
     .venv/bin/python benchmarks/bench_serve.py --model 1B --n 8 --concurrency 1 8 --max-tokens 8
 """
 
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="the engine's KV cache")
     ap.add_argument("--compile", action="store_true", help="the engine decodes through torch.compile "
                     "(`internvl35 serve --compile`); compiled before timing, as the server does at start-up")
+    ap.add_argument("--pack-weights", action="store_true", help="the engine's LLM keeps packed weights for "
+                    "batched decode steps (`internvl35 serve --pack-weights`)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the CLI does; the same for both systems in this process
@@ -172,7 +175,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     ours_dir, hf_dir = checkpoint_dirs(args.model, tmp)
-    cm = internvl35.load(ours_dir, compile=args.compile)
+    cm = internvl35.load(ours_dir, compile=args.compile, pack_weights=args.pack_weights)
     t = time.perf_counter()
     LLMEngine(cm, EngineConfig(kv_cache_bytes=2**28)).warmup()
     if args.compile:
@@ -183,7 +186,7 @@ def main() -> None:
     limit = f"exactly {args.max_tokens}" if args.ignore_eos else f"up to {args.max_tokens} (stop at EOS)"
     print(f"{args.model}: {args.n} requests, {tiles} tiles, {sum(len(p.input_ids) for p in prompts)} prompt "
           f"tokens, {limit} output tokens each, {args.threads} threads, engine "
-          f"{'compiled' if args.compile else 'eager'}", flush=True)
+          f"{'compiled' if args.compile else 'eager'}{', packed weights' if args.pack_weights else ''}", flush=True)
     rows = {}
     for c in args.concurrency:
         # alternating rounds, medians: this machine's speed drifts by tens of percent within minutes
