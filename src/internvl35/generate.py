@@ -10,7 +10,7 @@ import torch
 
 from internvl35.models.internvl import InternVLModel
 from internvl35.models.layers import attention, prepare_compile
-from internvl35.models.qwen3 import weights_as_prepared
+from internvl35.models.qwen3 import require_weights_as_prepared
 from internvl35.sampling import SamplingParams, sample_next
 
 
@@ -103,8 +103,7 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     max_len = Lmax + params.max_new_tokens
     if compile:
-        if not weights_as_prepared(model):
-            raise ValueError("compiled decoding needs the fused projections (and packed weights) as prepared at loading")
+        require_weights_as_prepared(model)
         max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
     step_fn = _compiled_decode_step() if compile else _decode_step
     cache = StaticKVCache(model, B, max_len)

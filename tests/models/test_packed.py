@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from internvl35.models import layers
-from internvl35.models.qwen3 import fuse_projections_, pack_weights_, weights_as_prepared
+from internvl35.models.qwen3 import fuse_projections_, pack_weights_, require_weights_as_prepared
 from tests.models.test_fused import _forward, _lm
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -49,12 +49,13 @@ def test_changed_weights_invalidate_their_packed_copies():
     lm = _lm()
     fuse_projections_(lm)
     pack_weights_(lm)
-    assert weights_as_prepared(lm)
+    require_weights_as_prepared(lm)  # raises if anything is off
     x = torch.randn(1, 3, 64)
     with torch.no_grad():
         lm.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # in place: the version counter moves
         lm.model.layers[0].self_attn.q_proj.weight.mul_(0.5)  # a row block of the fused q|k|v buffer
-    assert not weights_as_prepared(lm)  # a compiled step would read stale copies: its callers refuse
+    with pytest.raises(ValueError, match="packed weights"):  # a compiled step would read stale copies
+        require_weights_as_prepared(lm)
     got, calls = _packed_calls(lm, x)
     assert calls.count((64, 96)) == 1 and calls.count((128, 64)) == 1  # only the other layer's copies
     lm_ref = _lm()  # the same weights, never fused or packed, with the same changes

@@ -16,7 +16,7 @@ from internvl35.engine.paged_cache import PagedKVCache, build_layout
 from internvl35.engine.sequence import Sequence
 from internvl35.models.internvl import InternVLModel
 from internvl35.models.layers import prepare_compile
-from internvl35.models.qwen3 import weights_as_prepared
+from internvl35.models.qwen3 import require_weights_as_prepared
 from internvl35.sampling import sample_next
 
 log = logging.getLogger("internvl35.engine")
@@ -32,8 +32,8 @@ def _decode_logits(model: InternVLModel, ids: torch.Tensor, positions: torch.Ten
 @functools.cache
 def _compiled_decode_logits() -> Callable:
     """`_decode_logits` as one graph with dynamic batch size and context length: three compiles (one
-    sequence, 2..SPLIT_MAX_ROWS or PACKED_MAX_ROWS, more) instead of one per batch size and length. The small ops of
-    each layer fuse; the products stay library calls (mini on 2 cores: 2.2-4.9 ms per step at 4-18
+    sequence, 2..SPLIT_MAX_ROWS or PACKED_MAX_ROWS, more) instead of one per batch size and length.
+    The small ops of each layer fuse; the products stay library calls (mini on 2 cores: 2.2-4.9 ms per step at 4-18
     sequences vs 4.6-6.5 ms eager; at 32 no gain, 9.1 vs 8.9 ms)."""
     prepare_compile()
     return torch.compile(_decode_logits, dynamic=True, options={"realize_opcount_threshold": 0})
@@ -42,8 +42,8 @@ def _compiled_decode_logits() -> Callable:
 class ModelRunner:
     def __init__(self, model: InternVLModel, num_blocks: int, block_size: int, compile: bool = False) -> None:
         self.model = model
-        if compile and not weights_as_prepared(model):
-            raise ValueError("compiled decoding needs the fused projections (and packed weights) as prepared at loading")
+        if compile:
+            require_weights_as_prepared(model)
         if compile and model.cfg.text.moe is not None:
             # expert dispatch has data-dependent shapes: the graph breaks at every layer and dynamo
             # gives up after its recompile limit (correct, slower than eager, noisy)

@@ -141,18 +141,18 @@ PACKED_MAX_ROWS = 128  # a packed weight serves products up to this many rows (s
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
+           packed: PackedWeight | None = None) -> torch.Tensor:
     """F.linear, except for products of a few rows (decode steps): from 2 rows through `packed` (a
-    `PackedWeight`'s tensor) when given, else, on a multi-threaded CPU, as a batched matmul over
+    copy of `weight`) when given and still current, else, on a multi-threaded CPU, as a batched matmul over
     `threads` row blocks of the weight (a free view). MKL uses one core for such shapes: measured on
     2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37 GB/s. One row keeps the split,
     which a compiled step turns into loops that stream the weight faster than the packed product
     (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step)."""
     rows = x.numel() // x.shape[-1]
     if packed is not None and 2 <= rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
-        if torch.compiler.is_compiling():
-            return _packed_op(x, packed, bias)
-        return _onednn_linear(x, packed, bias)
+        w = packed.get(weight)
+        if w is not None:
+            return _packed_op(x, w, bias) if torch.compiler.is_compiling() else _onednn_linear(x, w, bias)
     n = _threads()
     if (n == 1 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or weight.shape[0] % n
             or x.dtype != torch.float32 or torch.is_grad_enabled()):
@@ -215,8 +215,7 @@ class FusedLinears:
         else:
             buffers = [None]
         if all(b is not None for b in buffers):
-            packed = self.packed.get(buffers[0]) if self.packed is not None else None
-            return list(linear(x, *buffers, packed=packed).split(self.sizes, -1))
+            return list(linear(x, *buffers, packed=self.packed).split(self.sizes, -1))
         return [m(x) for m in self.mods]
 
     def packed_weight(self) -> torch.Tensor | None:
@@ -251,8 +250,7 @@ class Linear(nn.Linear):
             self.packed = PackedWeight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed.get(self.weight) if self.packed is not None else None
-        return linear(x, self.weight, self.bias, packed)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class AttentionCache(Protocol):

@@ -164,11 +164,12 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        packed = self.head_packed.get(self.head_weight) if self.head_packed is not None else None
-        return linear(hidden, self.head_weight, packed=packed)
+        return linear(hidden, self.head_weight, packed=self.head_packed)
 
 
-def weights_as_prepared(model: nn.Module) -> bool:
-    """Whether the fused projections and packed copies set up for inference still match the
+def require_weights_as_prepared(model: nn.Module) -> None:
+    """Raise unless the fused projections and packed copies set up for inference still match the
     parameters: a compiled step reads them unchecked, so its callers check this first."""
-    return fused_projections_intact(model) and packed_weights_current(model)
+    if not (fused_projections_intact(model) and packed_weights_current(model)):
+        raise ValueError("compiled decoding needs the fused projections (and packed weights) as prepared "
+                         "at loading")
