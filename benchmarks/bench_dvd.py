@@ -9,13 +9,14 @@ measured side by side in one run with real servers and a real HTTP client:
 
 Per-stage times (preprocessing, vision, LLM, transfer) are measured in-process on one thread, the
 requests in groups of `--concurrency` as the servers see them, right before each mode runs, and
-give the ideal pipeline bound 1 / max(stage time per core) that the mode is compared with. In DvD
-the language server only reads each image's header (`probe`) and sends the file; decoding and tiling
-(`preprocess`) run on the vision server.
+give the ideal pipeline bound 1 / max(stage time per core) that the mode is compared with. In DvD,
+images are decoded and tiled (`preprocess`) on the vision server (the language server only reads each
+image's header, `probe`, and sends the file) or, with `--preprocess language`, on the language
+server (float32 tiles travel); the bounds of both placements are reported.
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
-    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6] [--compile] [--pack-weights]
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6] [--compile] [--pack-weights] [--preprocess language]
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ from internvl35.sampling import SamplingParams
 from internvl35.serve.transport import pack, unpack
 from internvl35.weights.convert import write_checkpoint
 
-FLASH = {"flash": True, "flash_relative_threshold": 0.5, "flash_absolute_threshold": 0.0}
+# The router at the paper's operating point, about half the visual tokens removed: of a request's 7
+# tiles (--max-tiles 6) the 5 the router ranks most compressible go to 1/4 of their tokens (112 -> 52 visual tokens).
+FLASH = {"flash": True, "flash_relative_threshold": 0.3, "flash_absolute_threshold": 0.0}
+PLACEMENTS = ("vision", "language")  # where images are decoded and tiled (`serve --preprocess`)
 
 
 def vit_heavy_checkpoint(out: Path) -> Path:
@@ -160,8 +164,9 @@ def engine_counts(port: int) -> dict[str, float]:
 
 
 def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles,
-             flags: list[str] = ()) -> dict:
-    """`flags`: of the language side (`--compile`, `--pack-weights`), the same for every mode."""
+             flags: list[str] = (), preprocess: str = "vision") -> dict:
+    """`flags`: of the language side (`--compile`, `--pack-weights`), the same for every mode;
+    `preprocess`: the side that decodes and tiles images in DvD."""
     port, procs = free_port(), []
     try:
         if mode == "coupled":
@@ -172,7 +177,8 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
             procs.append(launch(["serve-vision", "--model", str(ckpt), "--bind", f"tcp://127.0.0.1:{vport}",
                                  "--threads", "1"], cores[1]))
             procs.append(launch(["serve", "--model", str(ckpt), "--port", str(port), "--served-model-name", "m",
-                                 "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}", *flags], cores[0]))
+                                 "--threads", "1", "--vision", f"tcp://127.0.0.1:{vport}",
+                                 "--preprocess", preprocess, *flags], cores[0]))
         extra = {**(FLASH if mode.endswith("router") else {}), "max_tiles": max_tiles}
         names = ["server"] if mode == "coupled" else ["vision", "language"]
         return asyncio.run(load_test(port, urls, conc, tokens, extra, {k: p.pid for k, p in zip(names, procs)}))
@@ -198,7 +204,8 @@ def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> 
                for u in urls]
     pre = (time.perf_counter() - t) / len(urls)
     out = {"probe": probe, "preprocess": pre}
-    for name, flash in (("", None), ("_router", (0.5, 0.0))):
+    router = (FLASH["flash_relative_threshold"], FLASH["flash_absolute_threshold"])
+    for name, flash in (("", None), ("_router", router)):
         engine = LLMEngine(cm)
         t = time.perf_counter()  # the servers encode the requests that arrive together in one pass
         encoded = [e for b in range(0, len(prompts), conc)
@@ -211,10 +218,13 @@ def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> 
             engine.generate(encoded[b:b + conc], params)
         out[f"llm{name}"] = (time.perf_counter() - t) / len(urls)
         out[f"visual_tokens{name}"] = sum(e.features.shape[0] for e in encoded) / len(urls)
-    payloads = [(torch.frombuffer(bytearray(f.data), dtype=torch.uint8), e.features.to(torch.bfloat16))
-                for f, e in zip(files, encoded)]
-    out["transfer"] = transfer_time(payloads)
-    out["transfer_bytes"] = sum(a.numel() + b.numel() * 2 for a, b in payloads) / len(payloads)
+    # what crosses the wire: the image file (tiled by the vision server) or float32 tiles (tiled by
+    # the language server), and the bf16 features back
+    for key, sent in (("", [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in files]),
+                      ("_tiles", [p.pixel_values.float() for p in prompts])):
+        payloads = [(a, e.features.to(torch.bfloat16)) for a, e in zip(sent, encoded)]
+        out[f"transfer{key}"] = transfer_time(payloads)
+        out[f"transfer{key}_bytes"] = sum(a.nbytes + b.nbytes for a, b in payloads) / len(payloads)
     return out
 
 
@@ -252,21 +262,27 @@ def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return took
 
 
-def ideal_req_s(st: dict) -> dict:
-    """The pipeline bound of each mode from per-stage seconds per request."""
+def ideal_req_s(st: dict, placement: str = "vision") -> dict:
+    """The pipeline bound of each mode from per-stage seconds per request; DvD with images decoded and
+    tiled on the `placement` side (the language core always probes, prefills and decodes)."""
     pre, v, llm, vr, llmr = st["preprocess"], st["vision"], st["llm"], st["vision_router"], st["llm_router"]
-    x, probe = st["transfer"], st["probe"]
-    # DvD: the vision core decodes, tiles and encodes; the language core probes, prefills and decodes
-    return {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(pre + v + x, probe + llm + x),
-            "dvd_router": 1 / max(pre + vr + x, probe + llmr + x)}
+    if placement == "vision":  # the file travels; the language side only reads its header
+        x, vis_pre, lang_pre = st["transfer"], pre, st["probe"]
+    else:  # float32 tiles travel
+        x, vis_pre, lang_pre = st["transfer_tiles"], 0.0, pre
+    return {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(vis_pre + v + x, lang_pre + llm + x),
+            "dvd_router": 1 / max(vis_pre + vr + x, lang_pre + llmr + x)}
+
 
 
 def report(name: str, sts: dict[str, dict], res: dict) -> dict:
     """`sts`: stage times measured right before each mode ran (this machine's speed drifts by up to
     2x within minutes, so each mode is compared with the bound measured next to it)."""
     st = {k: statistics.median_high(s[k] for s in sts.values()) for k in next(iter(sts.values()))}
-    v, llm, pre, probe, x = st["vision"], st["llm"], st["preprocess"], st["probe"], st["transfer"]
-    ideal = {mode: ideal_req_s(sts[mode])[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
+    v, llm, pre, probe = st["vision"], st["llm"], st["preprocess"], st["probe"]
+    ideal = {mode: ideal_req_s(sts[mode], res[mode]["preprocess"])[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
+    transfer = {mode: sts[mode]["transfer" if res[mode]["preprocess"] == "vision" else "transfer_tiles"]
+                for mode in ("dvd", "dvd_router")}
     a = {"coupled_1core": res["coupled_1core"]["req_s"], "dvd": res["dvd"]["req_s"],
          "dvd_router": res["dvd_router"]["req_s"]}
     lines = {
@@ -274,7 +290,10 @@ def report(name: str, sts: dict[str, dict], res: dict) -> dict:
         "vision_s_per_request_by_mode": {k: round(val["vision"], 5) for k, val in sts.items()},
         "vision_over_llm": round(v / llm, 3),
         "vision_core_over_language_core": round((pre + v) / (probe + llm), 3),  # per request: ViT+projector vs LLM prefill+decode
+        "preprocess_side": {k: res[k]["preprocess"] for k in ("dvd", "dvd_router")},
         "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
+        "ideal_req_s_by_preprocess_side": {side: {k: round(ideal_req_s(sts[k], side)[k], 3) for k in ("dvd", "dvd_router")}
+                                           for side in PLACEMENTS},
         "measured_req_s": {**{k: round(val, 3) for k, val in a.items()},
                            "coupled_2cores": round(res["coupled_2cores"]["req_s"], 3)},
         "fraction_of_ideal": {k: round(a[k] / ideal[k], 3) for k in a},
@@ -282,7 +301,7 @@ def report(name: str, sts: dict[str, dict], res: dict) -> dict:
                              "dvd_router_over_coupled": round(a["dvd_router"] / a["coupled_1core"], 3)},
         "b_equal_hardware": {"dvd_over_coupled": round(a["dvd"] / res["coupled_2cores"]["req_s"], 3),
                              "dvd_router_over_coupled": round(a["dvd_router"] / res["coupled_2cores"]["req_s"], 3)},
-        "transfer_share_of_latency": round(x / res["dvd"]["latency_s"], 4),
+        "transfer_share_of_latency": {k: round(transfer[k] / res[k]["latency_s"], 4) for k in transfer},
         "latency_s": {k: round(r["latency_s"], 3) for k, r in res.items()},
         "cpu_s_per_request": {k: r["cpu_s_per_request"] for k, r in res.items()},
         "tokens_per_llm_step": {k: r["tokens_per_llm_step"] for k, r in res.items()},
@@ -300,6 +319,8 @@ def main() -> None:
     ap.add_argument("--max-tiles", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="servers and stage times decode through torch.compile")
     ap.add_argument("--pack-weights", action="store_true", help="servers and stage times decode with packed weights")
+    ap.add_argument("--preprocess", choices=PLACEMENTS, default="vision",
+                    help="DvD: the side that decodes and tiles images (`serve --preprocess`)")
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 CPU cores")
@@ -317,7 +338,9 @@ def main() -> None:
         for key, (mode, cores) in modes.items():
             sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
             res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
-                                ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights)
+                                ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights,
+                                args.preprocess)
+            res[key]["preprocess"] = args.preprocess
         out[name] = report(name, sts, res)
     print(json.dumps(out))
 

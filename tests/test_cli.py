@@ -36,3 +36,9 @@ def test_convert_and_info(tiny_ckpt, tmp_path):
     assert info.returncode == 0 and "hf (transformers)" in info.stdout and "params" in info.stdout
     bad = _cli("convert", "--to", "onnx", str(tiny_ckpt), str(tmp_path / "x"))
     assert bad.returncode == 1 and "--to must be" in bad.stderr
+
+
+def test_serve_rejects_an_unknown_preprocess_side_before_loading(tmp_path):
+    # a missing checkpoint would fail later, at loading: the option is checked first
+    r = _cli("serve", "--model", str(tmp_path / "absent"), "--vision", "tcp://127.0.0.1:1", "--preprocess", "gpu")
+    assert r.returncode == 1 and r.stderr.strip() == "error: preprocess takes one of vision, language, not 'gpu'"

@@ -124,13 +124,16 @@ def serve(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode steps (compiled at start-up; "
                                  "faster steps for small batches)."),
     pack_weights: bool = typer.Option(False, "--pack-weights", help=PACK_HELP),
+    preprocess: str = typer.Option("vision", "--preprocess", help="With --vision: where images are decoded and "
+                                   "tiled, 'vision' (the server gets the file) or 'language' (here; float32 "
+                                   "tiles travel: for busy vision servers on a fast network)."),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, /metrics."""
     from internvl35.serve.server import run_server
 
     _run(lambda: run_server(model, host, port, media_dir, max_images, kv_cache_mb, max_num_seqs, vision,
                             vision_timeout, threads, served_model_name, compile=compile,
-                            pack_weights=pack_weights))
+                            pack_weights=pack_weights, preprocess=preprocess))
 
 
 @app.command("serve-vision")

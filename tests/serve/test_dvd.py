@@ -28,7 +28,7 @@ from internvl35.serve.transport import ProtocolError, pack, unpack
 from internvl35.serve.vision_client import RemoteVision, VisionUnavailable
 from internvl35.serve.vision_server import VisionServer
 from internvl35.serve.server import create_app
-from tests.serve.test_openai_server import data_url, free_port, png_bytes, serving, user
+from tests.serve.test_openai_server import data_url, free_port, metric, png_bytes, serving, user
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,16 @@ def test_restarted_server_is_picked_up_again(mini, vision_model):
     client.close()
 
 
+def reference_answer(mini, s, tokens: int) -> str:
+    """The coupled engine's greedy answer when fed the same BF16 features a vision server sends."""
+    prompt = mini.build_prompt(s.question, s.images)
+    with torch.inference_mode():
+        feats, _ = mini.model.encode_images(prompt.pixel_values)
+    enc = LLMEngine(mini).encode(prompt)
+    enc = EncodedPrompt(enc.input_ids, feats.to(torch.bfloat16), enc.spans)
+    return mini.tokenizer.decode(LLMEngine(mini).generate([enc], SamplingParams(max_new_tokens=tokens))[0])
+
+
 def test_openai_server_over_remote_vision(mini, vision):
     lang = internvl35.load("mini", part="language")
     assert all(p.device.type == "meta" for p in lang.model.vision_model.parameters())
@@ -219,13 +229,7 @@ def test_openai_server_over_remote_vision(mini, vision):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
                                            max_tokens=8)
-        # reference: the coupled engine fed the same BF16 features
-        prompt = mini.build_prompt(s.question, s.images)
-        with torch.inference_mode():
-            feats, _ = mini.model.encode_images(prompt.pixel_values)
-        enc = LLMEngine(mini).encode(prompt)
-        enc = EncodedPrompt(enc.input_ids, feats.to(torch.bfloat16), enc.spans)
-        want = mini.tokenizer.decode(LLMEngine(mini).generate([enc], SamplingParams(max_new_tokens=8))[0])
+        want = reference_answer(mini, s, 8)
         assert r.choices[0].message.content == want.strip()
         bad = openai.OpenAI(base_url=f"http://127.0.0.1:{down_port}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
@@ -240,6 +244,25 @@ def test_openai_server_over_remote_vision(mini, vision):
         again = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
                                                max_tokens=8)
         assert again.choices[0].message.content == want.strip()
+
+
+def test_images_tiled_on_the_language_side_when_asked(mini, vision):
+    """`--preprocess language`: this side decodes and tiles, float32 tiles cross the wire, the
+    answer is the same."""
+    lang = internvl35.load("mini", part="language")
+    s = generate("hires", 2**48 + 27)
+    tiles = mini.build_prompt(s.question, s.images).pixel_values
+    for side in ("vision", "language"):
+        with serving(create_app(lang, name="mini", vision=[vision.endpoint], preprocess=side)) as port:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            r = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
+                                               max_tokens=8)
+            assert r.choices[0].message.content == reference_answer(mini, s, 8).strip()
+            sent = metric(port, "internvl35_remote_vision_transfer_bytes_total")
+            # sent = what went out (the file or the tiles) + the bf16 features that came back
+            assert (sent > tiles.numel() * 4) == (side == "language"), (side, sent, tiles.shape)
+    with pytest.raises(ValueError, match="preprocess takes one of vision, language"):
+        create_app(lang, vision=[vision.endpoint], preprocess="gpu")
 
 
 def test_language_server_keeps_serving_while_vision_is_slow(mini):

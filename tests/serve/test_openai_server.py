@@ -82,6 +82,18 @@ def post(server, body, path="/v1/chat/completions") -> tuple[int, dict]:
     return status, json.loads(data)
 
 
+def metrics_text(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
+def metric(port: int, name: str) -> float:
+    return float(metrics_text(port).split(f"\n{name} ")[1].split()[0])
+
+
 def user(text: str, *urls: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": parts}]
@@ -145,11 +157,8 @@ def test_models_health_metrics(client, server):
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
     conn.close()
-    conn = http.client.HTTPConnection("127.0.0.1", server["port"])
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    assert "# TYPE internvl35_requests_total counter" in text
-    assert float(text.split("\ninternvl35_generation_tokens_total ")[1].split()[0]) > 0
+    assert "# TYPE internvl35_requests_total counter" in metrics_text(server["port"])
+    assert metric(server["port"], "internvl35_generation_tokens_total") > 0
 
 
 def test_image_sources_local_and_http(client, server, mini):
@@ -224,9 +233,7 @@ def test_disconnect_mid_stream_aborts_and_server_keeps_serving(server, client):
     sock.close()
     deadline = time.time() + 30
     while time.time() < deadline:
-        conn = http.client.HTTPConnection("127.0.0.1", server["port"])
-        conn.request("GET", "/metrics")
-        m = conn.getresponse().read().decode()
+        m = metrics_text(server["port"])
         if "internvl35_requests_running 0" in m and "internvl35_requests_aborted 0" not in m:
             break
         time.sleep(0.2)

@@ -75,8 +75,9 @@ def build_app(chat_model: ChatModel, engine: AsyncEngine, model_name: str,
             return error(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                          "model", "not_found_error")
         try:
-            # decoupled: images stay undecoded here, the vision server decodes and tiles them
-            prompt = await run_in_threadpool(make_prompt, chat_model, req, limits, vision is None)
+            # decoupled: images stay undecoded here unless this side was chosen to decode and tile them
+            decode = vision is None or vision.preprocess == "language"
+            prompt = await run_in_threadpool(make_prompt, chat_model, req, limits, decode)
             params = SamplingParams(max_new_tokens=req.max_completion_tokens or req.max_tokens or 256,
                                     temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     repetition_penalty=req.repetition_penalty, seed=req.seed,

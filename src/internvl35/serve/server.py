@@ -12,16 +12,18 @@ from internvl35.engine.llm_engine import EngineConfig, LLMEngine
 from internvl35.serve.async_engine import AsyncEngine
 from internvl35.serve.media import MediaLimits
 from internvl35.serve.openai_api import ServerLimits, build_app
-from internvl35.serve.vision_client import RemoteVision
+from internvl35.serve.vision_client import RemoteVision, check_preprocess
 
 
 def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | None = None,
                limits: ServerLimits = ServerLimits(), name: str | None = None,
                vision: list[str] = (), vision_timeout_s: float = 30.0, compile: bool = False,
-               pack_weights: bool = False) -> FastAPI:
+               pack_weights: bool = False, preprocess: str = "vision") -> FastAPI:
     """The OpenAI server; with `vision` endpoints only the LLM is loaded and images go to those
-    vision servers (decoupled deployment). `compile` decodes through torch.compile, compiled here
-    before the first request; `pack_weights` as in `load`."""
+    vision servers (decoupled deployment), decoded and tiled on the side `preprocess` names.
+    `compile` decodes through torch.compile, compiled here before the first request;
+    `pack_weights` as in `load`."""
+    check_preprocess(preprocess)  # before the model loads
     if isinstance(model, (str, Path)):
         model = load(model, part="language" if vision else "all", compile=compile, pack_weights=pack_weights)
     llm = LLMEngine(model, engine_config)
@@ -30,7 +32,7 @@ def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | No
     remote = None
     if vision:
         remote = RemoteVision(list(vision), model.tokenizer.img_context_id, model.cfg.num_image_token,
-                              timeout_s=vision_timeout_s)
+                              timeout_s=vision_timeout_s, preprocess=preprocess)
     served = name or (model.path.name if model.path else "internvl35")
     app = build_app(model, engine, served, limits, remote)
     app.router.on_shutdown.append(engine.close)
@@ -42,7 +44,8 @@ def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | No
 def run_server(model: str, host: str, port: int, media_dir: Path | None = None, max_images: int = 8,
                kv_cache_mb: int = 512, max_num_seqs: int = 64, vision: list[str] = (),
                vision_timeout_s: float = 30.0, threads: int | None = None, name: str | None = None,
-               log_level: str = "info", compile: bool = False, pack_weights: bool = False) -> None:
+               log_level: str = "info", compile: bool = False, pack_weights: bool = False,
+               preprocess: str = "vision") -> None:
     import torch
     import uvicorn
 
@@ -52,5 +55,5 @@ def run_server(model: str, host: str, port: int, media_dir: Path | None = None, 
     limits = ServerLimits(max_images=max_images, media=MediaLimits(local_dir=media_dir))
     config = EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, max_num_seqs=max_num_seqs)
     app = create_app(model, config, limits, name, vision=vision, vision_timeout_s=vision_timeout_s, compile=compile,
-                     pack_weights=pack_weights)
+                     pack_weights=pack_weights, preprocess=preprocess)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -64,11 +64,24 @@ class _Peer:
                 fut.set_exception(ProtocolError(f"{self.endpoint}: {header.get('message', header['type'])}"))
 
 
+PREPROCESS = ("vision", "language")  # where images are decoded and tiled in decoupled deployment
+
+
+def check_preprocess(side: str) -> None:
+    if side not in PREPROCESS:
+        raise ValueError(f"preprocess takes one of {', '.join(PREPROCESS)}, not {side!r}")
+
+
 class RemoteVision:
     def __init__(self, endpoints: list[str], image_token_id: int, tile_tokens: int, timeout_s: float = 30.0,
-                 retry_after_s: float = 2.0, cache_bytes: int = 256 * 2**20, connect_grace_s: float = 0.3) -> None:
+                 retry_after_s: float = 2.0, cache_bytes: int = 256 * 2**20, connect_grace_s: float = 0.3,
+                 preprocess: str = "vision") -> None:
         if not endpoints:
             raise ValueError("give at least one vision server endpoint")
+        check_preprocess(preprocess)
+        # where images are decoded and tiled: by the vision server (only the file travels) or by
+        # the language server (float32 tiles travel), whichever side has the spare CPU
+        self.preprocess = preprocess
         self.ctx = zmq.asyncio.Context()
         self.peers = [_Peer(self.ctx, e) for e in endpoints]
         self.image_token_id, self.tile_tokens = image_token_id, tile_tokens
