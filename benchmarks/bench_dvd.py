@@ -16,7 +16,7 @@ server (float32 tiles travel); the bounds of both placements are reported.
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
-    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--max-tiles 6] [--compile] [--pack-weights] [--preprocess language]
+    .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--rounds 1] [--max-tiles 6] [--compile] [--pack-weights] [--preprocess language]
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ from internvl35.engine.llm_engine import LLMEngine
 from internvl35.models.internvl import InternVLModel
 from internvl35.sampling import SamplingParams
 from internvl35.serve.transport import pack, unpack
+from internvl35.serve.vision_client import PREPROCESS
 from internvl35.weights.convert import write_checkpoint
 
 # The router at the paper's operating point, about half the visual tokens removed: of a request's 7
 # tiles (--max-tiles 6) the 5 the router ranks most compressible go to 1/4 of their tokens (112 -> 52 visual tokens).
 FLASH = {"flash": True, "flash_relative_threshold": 0.3, "flash_absolute_threshold": 0.0}
-PLACEMENTS = ("vision", "language")  # where images are decoded and tiled (`serve --preprocess`)
 
 
 def vit_heavy_checkpoint(out: Path) -> Path:
@@ -275,9 +275,9 @@ def ideal_req_s(st: dict, placement: str = "vision") -> dict:
 
 
 
-def report(name: str, sts: dict[str, dict], res: dict) -> dict:
-    """`sts`: stage times measured right before each mode ran (this machine's speed drifts by up to
-    2x within minutes, so each mode is compared with the bound measured next to it)."""
+def round_summary(sts: dict[str, dict], res: dict) -> dict:
+    """One round. `sts`: stage times measured right before each mode ran (this machine's speed drifts
+    by up to 2x within minutes, so each mode is compared with the bound measured next to it)."""
     st = {k: statistics.median_high(s[k] for s in sts.values()) for k in next(iter(sts.values()))}
     v, llm, pre, probe = st["vision"], st["llm"], st["preprocess"], st["probe"]
     ideal = {mode: ideal_req_s(sts[mode], res[mode]["preprocess"])[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
@@ -293,7 +293,7 @@ def report(name: str, sts: dict[str, dict], res: dict) -> dict:
         "preprocess_side": {k: res[k]["preprocess"] for k in ("dvd", "dvd_router")},
         "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
         "ideal_req_s_by_preprocess_side": {side: {k: round(ideal_req_s(sts[k], side)[k], 3) for k in ("dvd", "dvd_router")}
-                                           for side in PLACEMENTS},
+                                           for side in PREPROCESS},
         "measured_req_s": {**{k: round(val, 3) for k, val in a.items()},
                            "coupled_2cores": round(res["coupled_2cores"]["req_s"], 3)},
         "fraction_of_ideal": {k: round(a[k] / ideal[k], 3) for k in a},
@@ -306,8 +306,33 @@ def report(name: str, sts: dict[str, dict], res: dict) -> dict:
         "cpu_s_per_request": {k: r["cpu_s_per_request"] for k, r in res.items()},
         "tokens_per_llm_step": {k: r["tokens_per_llm_step"] for k, r in res.items()},
     }
-    print(f"== {name} ==\n{json.dumps(lines, indent=2)}", flush=True)
     return lines
+
+
+HEADLINE = ("measured_req_s", "fraction_of_ideal", "a_added_hardware", "b_equal_hardware")
+
+
+def report(name: str, rounds: list[dict]) -> dict:
+    """Every round in full, then the headline figures per round and their medians."""
+    for i, r in enumerate(rounds):
+        print(f"== {name}, round {i + 1} ==\n{json.dumps(r, indent=2)}", flush=True)
+    heads = {sec: {k: [r[sec][k] for r in rounds] for k in rounds[0][sec]} for sec in HEADLINE}
+    medians = {sec: {k: round(statistics.median(v), 3) for k, v in d.items()} for sec, d in heads.items()}
+    print(f"== {name}: per round ==\n{json.dumps(heads)}\n== {name}: medians over {len(rounds)} rounds ==\n"
+          f"{json.dumps(medians, indent=2)}", flush=True)
+    return {"rounds": rounds, "medians": medians}
+
+
+def run_round(ckpt: Path, cm, modes: dict, urls: list[str], args) -> dict:
+    """Every mode once, each right after its stage times."""
+    sts, res = {}, {}
+    for key, (mode, cores) in modes.items():
+        sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
+        res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
+                            ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights,
+                            args.preprocess)
+        res[key]["preprocess"] = args.preprocess
+    return round_summary(sts, res)
 
 
 def main() -> None:
@@ -317,9 +342,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-tiles", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of all four modes (medians reported)")
     ap.add_argument("--compile", action="store_true", help="servers and stage times decode through torch.compile")
     ap.add_argument("--pack-weights", action="store_true", help="servers and stage times decode with packed weights")
-    ap.add_argument("--preprocess", choices=PLACEMENTS, default="vision",
+    ap.add_argument("--preprocess", choices=PREPROCESS, default="vision",
                     help="DvD: the side that decodes and tiles images (`serve --preprocess`)")
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
@@ -332,16 +358,10 @@ def main() -> None:
         ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
         modes = {"coupled_1core": ("coupled", ({c0}, {c0})), "coupled_2cores": ("coupled", ({c0, c1}, {c0, c1})),
                  "dvd": ("dvd", ({c0}, {c1})), "dvd_router": ("dvd_router", ({c0}, {c1}))}
-        sts, res, cm = {}, {}, internvl35.load(ckpt, compile=args.compile, pack_weights=args.pack_weights)
+        cm = internvl35.load(ckpt, compile=args.compile, pack_weights=args.pack_weights)
         torch.set_num_threads(1)  # as in `stage_times`: a compiled step keeps the thread count it saw
         LLMEngine(cm).warmup()  # compiles the decode steps (with --compile) before any timing
-        for key, (mode, cores) in modes.items():
-            sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
-            res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
-                                ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights,
-                                args.preprocess)
-            res[key]["preprocess"] = args.preprocess
-        out[name] = report(name, sts, res)
+        out[name] = report(name, [run_round(ckpt, cm, modes, urls, args) for _ in range(args.rounds)])
     print(json.dumps(out))
 
 
