@@ -262,27 +262,31 @@ def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return took
 
 
-def ideal_req_s(st: dict, placement: str = "vision") -> dict:
+def placement_costs(st: dict, side: str) -> tuple[float, float, float]:
+    """Seconds per request of (transfer, preprocessing on the vision core, on the language core) with
+    images decoded and tiled on `side`."""
+    if side == "vision":  # the file travels; the language side only reads its header
+        return st["transfer"], st["preprocess"], st["probe"]
+    return st["transfer_tiles"], 0.0, st["preprocess"]  # float32 tiles travel
+
+
+def ideal_req_s(st: dict, side: str = "vision") -> dict:
     """The pipeline bound of each mode from per-stage seconds per request; DvD with images decoded and
-    tiled on the `placement` side (the language core always probes, prefills and decodes)."""
+    tiled on `side` (the language core always prefills and decodes)."""
     pre, v, llm, vr, llmr = st["preprocess"], st["vision"], st["llm"], st["vision_router"], st["llm_router"]
-    if placement == "vision":  # the file travels; the language side only reads its header
-        x, vis_pre, lang_pre = st["transfer"], pre, st["probe"]
-    else:  # float32 tiles travel
-        x, vis_pre, lang_pre = st["transfer_tiles"], 0.0, pre
+    x, vis_pre, lang_pre = placement_costs(st, side)
     return {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(vis_pre + v + x, lang_pre + llm + x),
             "dvd_router": 1 / max(vis_pre + vr + x, lang_pre + llmr + x)}
 
 
-
-def round_summary(sts: dict[str, dict], res: dict) -> dict:
-    """One round. `sts`: stage times measured right before each mode ran (this machine's speed drifts
-    by up to 2x within minutes, so each mode is compared with the bound measured next to it)."""
+def round_summary(sts: dict[str, dict], res: dict, side: str) -> dict:
+    """One round, DvD preprocessing on `side`. `sts`: stage times measured right before each mode ran
+    (this machine's speed drifts by up to 2x within minutes, so each mode is compared with the bound
+    measured next to it)."""
     st = {k: statistics.median_high(s[k] for s in sts.values()) for k in next(iter(sts.values()))}
     v, llm, pre, probe = st["vision"], st["llm"], st["preprocess"], st["probe"]
-    ideal = {mode: ideal_req_s(sts[mode], res[mode]["preprocess"])[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
-    transfer = {mode: sts[mode]["transfer" if res[mode]["preprocess"] == "vision" else "transfer_tiles"]
-                for mode in ("dvd", "dvd_router")}
+    ideal = {mode: ideal_req_s(sts[mode], side)[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
+    transfer = {mode: placement_costs(sts[mode], side)[0] for mode in ("dvd", "dvd_router")}
     a = {"coupled_1core": res["coupled_1core"]["req_s"], "dvd": res["dvd"]["req_s"],
          "dvd_router": res["dvd_router"]["req_s"]}
     lines = {
@@ -290,7 +294,7 @@ def round_summary(sts: dict[str, dict], res: dict) -> dict:
         "vision_s_per_request_by_mode": {k: round(val["vision"], 5) for k, val in sts.items()},
         "vision_over_llm": round(v / llm, 3),
         "vision_core_over_language_core": round((pre + v) / (probe + llm), 3),  # per request: ViT+projector vs LLM prefill+decode
-        "preprocess_side": {k: res[k]["preprocess"] for k in ("dvd", "dvd_router")},
+        "preprocess_side": side,
         "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
         "ideal_req_s_by_preprocess_side": {side: {k: round(ideal_req_s(sts[k], side)[k], 3) for k in ("dvd", "dvd_router")}
                                            for side in PREPROCESS},
@@ -331,8 +335,7 @@ def run_round(ckpt: Path, cm, modes: dict, urls: list[str], args) -> dict:
         res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
                             ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights,
                             args.preprocess)
-        res[key]["preprocess"] = args.preprocess
-    return round_summary(sts, res)
+    return round_summary(sts, res, args.preprocess)
 
 
 def main() -> None:

@@ -109,6 +109,7 @@ def pack_weights_(model: nn.Module) -> bool:
     """Give every LLM product a `PackedWeight` copy for decode steps (fp32 CPU models; the copy
     costs the LLM's weight size in memory again). Products already fused pack their fused weight.
     -> whether anything was packed (not for other devices and dtypes)."""
+    packed = False
     for m in model.modules():
         if any(p.is_meta for p in m.parameters()):
             continue
@@ -121,7 +122,8 @@ def pack_weights_(model: nn.Module) -> bool:
                 f.pack()
         elif isinstance(m, Qwen3ForCausalLM) and packable(m.head_weight):
             m.head_packed = PackedWeight(m.head_weight)
-    return any(isinstance(m, Qwen3ForCausalLM) and m.head_packed is not None for m in model.modules())
+            packed = True  # the head's weight decides for all: every product shares its device and dtype
+    return packed
 
 
 def packed_weights_current(model: nn.Module) -> bool:
