@@ -3,7 +3,7 @@
 Prints prefill (one 448px tile + text) and decode tokens/s for both (ours eager and with the
 torch.compile decode step), side by side, together with the
 machine's fp32 matmul peak and memory bandwidth measured in the same run, the fraction of each
-bound reached, and the peak RSS of `internvl35.load` relative to the model's size in memory.
+bound reached (decode: the weights and the K/V cache a token reads, over the bandwidth), and the peak RSS of `internvl35.load` relative to the model's size in memory.
 
     .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
 """
@@ -59,13 +59,14 @@ def random_model(preset: str) -> tuple[InternVLModel, object]:
     return model, tok
 
 
-def decode_bytes(model: InternVLModel) -> int:
-    """Bytes of weights one decode step must read: every LLM matrix except the embedding table."""
-    lm = model.language_model
+def decode_bytes(model: InternVLModel, context: float) -> float:
+    """Bytes one decode step must read: every LLM matrix except the embedding table, and the K/V
+    cache of `context` tokens (fp32, as the model computes)."""
+    lm, t = model.language_model, model.cfg.text
     n = sum(p.numel() for n_, p in lm.named_parameters() if "embed_tokens" not in n_)
     if lm.tied:
         n += lm.model.embed_tokens.weight.numel()
-    return n * 4
+    return (n + 2 * t.num_layers * t.num_kv_heads * t.head_dim * context) * 4
 
 
 def measure_load_rss(path: Path) -> dict:
@@ -142,7 +143,7 @@ def main() -> None:
     # This machine's bandwidth drifts by up to 30% within minutes (shared memory system), so each
     # round measures it right before and after its three decodes and every fraction is taken
     # against its own round; the medians over rounds are reported.
-    nbytes = decode_bytes(ours.model)
+    nbytes = decode_bytes(ours.model, L + n / 2)  # the mean context over the decoded tokens
     rounds = []
     for _ in range(args.rounds):
         bw0 = memory_bandwidth()
@@ -170,7 +171,7 @@ def main() -> None:
                     "decode_compiled": med("compiled", "transformers")},
         "load_rss_over_weights": rss["rss_peak"] / rss["weights"],
         "load_rss_minus_import_over_weights": (rss["rss_peak"] - rss["rss_base"]) / rss["weights"],
-        "weights_gb": rss["weights"] / 1e9,
+        "weights_gb": rss["weights"] / 1e9, "decode_gb_per_token": nbytes / 1e9,
     }
     print(json.dumps(res, indent=2))
 

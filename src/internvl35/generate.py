@@ -15,8 +15,8 @@ from internvl35.sampling import SamplingParams, sample_next
 
 
 class StaticKVCache:
-    """Preallocated K/V, one [B, K, S, Dh] pair per layer; slots fill left to right, `valid` marks
-    real tokens. Eager steps attend over the filled prefix; a compiled decode step (static shapes)
+    """Preallocated K [B, K, S, Dh] and V^T [B, K, Dh, S] per layer; slots fill left to right,
+    `valid` marks real tokens. Eager steps attend over the filled prefix; a compiled decode step (static shapes)
     attends over every slot with the unfilled ones masked."""
 
     def __init__(self, model: InternVLModel, batch: int, max_len: int) -> None:
@@ -24,9 +24,12 @@ class StaticKVCache:
         p = model.language_model.model.embed_tokens.weight
         shape = (batch, t.num_kv_heads, max_len, t.head_dim)
         # Separate tensors per layer: a compiled step writing into one slice of a shared tensor
-        # would copy the whole tensor.
+        # would copy the whole tensor. V is stored transposed, [B, K, Dh, S]: a decode step's
+        # probs @ v then reads contiguous rows (see _single_query_attention). Writes go to that
+        # tensor itself: inductor updates a strided view of it out of place, copying it whole.
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
+        v_shape = (batch, t.num_kv_heads, t.head_dim, max_len)
+        self.v = [torch.zeros(v_shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)
         self.length, self._step, self._mask, self._causal = 0, 0, None, False
         self._slots = torch.zeros(0, dtype=torch.long, device=p.device)
@@ -49,9 +52,10 @@ class StaticKVCache:
         self._mask, self._causal = mask[:, None], False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = self.k[layer], self.v[layer]
+        keys, values_t = self.k[layer], self.v[layer]
         keys.index_copy_(2, self._slots, k)
-        values.index_copy_(2, self._slots, v)
+        values_t.index_copy_(3, self._slots, v.transpose(-1, -2))
+        values = values_t.transpose(-1, -2)
         if torch.compiler.is_compiling():  # one token per row; every slot, so shapes never change
             return attention(q, keys, values, causal=False, mask=self._slot_mask)
         n = self.length + self._step
