@@ -3,7 +3,8 @@
 Prints prefill (one 448px tile + text) and decode tokens/s for both (ours eager and with the
 torch.compile decode step), side by side, together with the
 machine's fp32 matmul peak and memory bandwidth measured in the same run, the fraction of each
-bound reached (decode: the weights and the K/V cache a token reads, over the bandwidth), and the peak RSS of `internvl35.load` relative to the model's size in memory.
+bound reached (decode: the weights and the K/V cache a token reads, over the bandwidth sampled right
+after each step; prefill: its matmul FLOPs over the peak measured around it), and the peak RSS of `internvl35.load` relative to the model's size in memory.
 
     .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import internvl35
-from internvl35.hardware import best_of, matmul_peak_flops, memory_bandwidth, reuse_freed_memory
+from internvl35.hardware import best_of, matmul_peak_flops, reuse_freed_memory
 from internvl35.config import get_config
 from internvl35.data.tokenizer import train_bpe
 from internvl35.generate import generate_stream
@@ -69,6 +70,43 @@ def decode_bytes(model: InternVLModel, context: float) -> float:
     return (n + 2 * t.num_layers * t.num_kv_heads * t.head_dim * context) * 4
 
 
+class StepTimer:
+    """Times decode steps (`start` / `stop` around each, or as a transformers streamer) and samples
+    the read bandwidth right after every step, outside the timed span."""
+
+    def __init__(self, probe: torch.Tensor) -> None:
+        self.probe, self.times, self.bandwidths = probe, [], []
+        self.mark, self.calls = 0.0, 0
+
+    def start(self) -> None:
+        self.mark = time.perf_counter()
+
+    def stop(self) -> None:
+        self.times.append(time.perf_counter() - self.mark)
+        t = time.perf_counter()
+        self.probe.sum()
+        self.bandwidths.append(self.probe.numel() * 4 / (time.perf_counter() - t))
+        self.start()
+
+    def put(self, _value) -> None:  # transformers streamer: the prompt, the prefill's token, then one per step
+        self.calls += 1
+        if self.calls == 2:
+            self.start()
+        elif self.calls > 2:
+            self.stop()
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.times) / sum(self.times)
+
+    def fraction(self, nbytes: float) -> float:
+        """Median over steps of (bytes / step time) / the bandwidth sampled right after the step."""
+        return statistics.median(nbytes / t / b for t, b in zip(self.times, self.bandwidths))
+
+
 def measure_load_rss(path: Path) -> dict:
     """Peak RSS of `internvl35.load` in a fresh process. VmHWM belongs to the process's own address
     space (getrusage's ru_maxrss would include the parent's peak, inherited across fork/exec)."""
@@ -109,46 +147,55 @@ def main() -> None:
     ids, pv = torch.tensor([prompt.input_ids]), prompt.pixel_values
     L = ids.shape[1]
 
-    peak = matmul_peak_flops()
-    bw = memory_bandwidth()
     flops = prefill_flops(cfg, L)
-    with torch.inference_mode():
-        t_ours = best_of(lambda: ours.model(ids, pv, last_only=True), 3)
-        t_hf = best_of(lambda: hf(input_ids=ids, pixel_values=pv, logits_to_keep=1), 3)
+
+    @torch.inference_mode()
+    def prefill(system: str) -> float:
+        if system == "ours":
+            return L / best_of(lambda: ours.model(ids, pv, last_only=True), 1)
+        return L / best_of(lambda: hf(input_ids=ids, pixel_values=pv, logits_to_keep=1), 1)
 
     n = args.decode_tokens
     params = SamplingParams(max_new_tokens=n + 1)
     feats, _ = ours.model.encode_images(pv)
 
-    def ours_decode(compile: bool) -> float:
+    nbytes = decode_bytes(ours.model, L + n / 2)  # the mean context over the decoded tokens
+    probe = torch.ones(512 * 2**20 // 4)  # a bandwidth sample after every decode step (~15 ms)
+
+    def ours_decode(compile: bool) -> StepTimer:
+        timer = StepTimer(probe)
         it = generate_stream(ours.model, [prompt.input_ids], params, set(), feats, compile=compile)
         next(it)  # the prefill
-        t = time.perf_counter()
-        for _ in it:
-            pass
-        return n / (time.perf_counter() - t)
+        for _ in range(n):
+            timer.start()
+            next(it)
+            timer.stop()
+        return timer
 
-    def hf_decode() -> float:
+    def hf_decode() -> StepTimer:
+        timer = StepTimer(probe)
         with torch.inference_mode():
-            t = time.perf_counter()
-            hf.generate(input_ids=ids, pixel_values=pv, max_new_tokens=1, do_sample=False)
-            t1 = time.perf_counter() - t
-            t = time.perf_counter()
-            hf.generate(input_ids=ids, pixel_values=pv, max_new_tokens=n + 1, do_sample=False, min_new_tokens=n + 1)
-            return n / (time.perf_counter() - t - t1)
+            hf.generate(input_ids=ids, pixel_values=pv, max_new_tokens=n + 1, do_sample=False, min_new_tokens=n + 1,
+                        streamer=timer)
+        return timer
 
     t = time.perf_counter()
     ours_decode(True)  # compiles the step
     compile_s = time.perf_counter() - t
-    # This machine's bandwidth drifts by up to 30% within minutes (shared memory system), so each
-    # round measures it right before and after its three decodes and every fraction is taken
-    # against its own round; the medians over rounds are reported.
-    nbytes = decode_bytes(ours.model, L + n / 2)  # the mean context over the decoded tokens
+    # This machine's bandwidth and matmul rate drift by up to 30% within minutes and switch between
+    # a slow and a fast regime within seconds (a shared memory system). So each round measures the
+    # matmul rate right before and after its prefills (the two systems in alternating order), and
+    # every decode step is set against a bandwidth sample taken right after it: a step's fraction
+    # is the bytes it read over its time, over that sample. Medians over steps, then over rounds.
     rounds = []
-    for _ in range(args.rounds):
-        bw0 = memory_bandwidth()
-        r = {"eager": ours_decode(False), "compiled": ours_decode(True), "transformers": hf_decode()}
-        r["bound"] = (bw0 + memory_bandwidth()) / 2 / nbytes
+    for i in range(args.rounds):
+        peak0 = matmul_peak_flops()
+        r = {s: prefill(s) for s in (("ours", "hf") if i % 2 == 0 else ("hf", "ours"))}
+        r["prefill_bound"] = (peak0 + matmul_peak_flops()) / 2 / flops * L
+        timers = {"eager": ours_decode(False), "compiled": ours_decode(True), "transformers": hf_decode()}
+        r |= {k: t.tokens_per_s for k, t in timers.items()}
+        r |= {f"{k}_frac": t.fraction(nbytes) for k, t in timers.items()}
+        r["bound"] = statistics.median(b for t in timers.values() for b in t.bandwidths) / nbytes
         rounds.append(r)
         print({k: round(v, 2) for k, v in r.items()}, flush=True)
 
@@ -156,18 +203,19 @@ def main() -> None:
         return statistics.median(r[num] / (r[den] if den else 1.0) for r in rounds)
 
     names = ("eager", "compiled", "transformers")
-    d = {k: med(k) for k in names + ("bound",)}
-    frac = {k: med(k, "bound") for k in names}
+    d = {k: med(k) for k in names + ("bound", "prefill_bound")}
+    frac = {k: med(f"{k}_frac") for k in names}
     res = {
-        "prompt_tokens": L, "matmul_peak_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
-        "prefill_tok_s": {"internvl35": L / t_ours, "transformers": L / t_hf},
-        "prefill_frac_of_peak": {"internvl35": flops / t_ours / peak, "transformers": flops / t_hf / peak},
+        "prompt_tokens": L, "matmul_peak_gflops": d["prefill_bound"] * flops / L / 1e9,
+        "bandwidth_gbs": d["bound"] * nbytes / 1e9,
+        "prefill_tok_s": {"internvl35": med("ours"), "transformers": med("hf"), "matmul_bound": med("prefill_bound")},
+        "prefill_frac_of_peak": {"internvl35": med("ours", "prefill_bound"), "transformers": med("hf", "prefill_bound")},
         "decode_tok_s": {"internvl35": d["eager"], "internvl35_compiled": d["compiled"],
                          "transformers": d["transformers"], "bandwidth_bound": d["bound"]},
         "decode_frac_of_bound": {"internvl35": frac["eager"], "internvl35_compiled": frac["compiled"],
                                  "transformers": frac["transformers"]},
         "decode_compile_s": compile_s,
-        "speedup": {"prefill": t_hf / t_ours, "decode": med("eager", "transformers"),
+        "speedup": {"prefill": med("ours", "hf"), "decode": med("eager", "transformers"),
                     "decode_compiled": med("compiled", "transformers")},
         "load_rss_over_weights": rss["rss_peak"] / rss["weights"],
         "load_rss_minus_import_over_weights": (rss["rss_peak"] - rss["rss_base"]) / rss["weights"],
