@@ -1,10 +1,11 @@
 """Core inference benchmark: internvl35 vs transformers on the same random 1B-shaped fp32 model (CPU).
 
 Prints prefill (one 448px tile + text) and decode tokens/s for both (ours eager and with the
-torch.compile decode step), side by side, together with the
-machine's fp32 matmul peak and memory bandwidth measured in the same run, the fraction of each
-bound reached (decode: the weights and the K/V cache a token reads, over the bandwidth sampled right
-after each step; prefill: its matmul FLOPs over the peak measured around it), and the peak RSS of `internvl35.load` relative to the model's size in memory.
+torch.compile decode step), side by side, the machine's fp32 matmul peak and memory bandwidth
+measured in the same run, the fraction of each bound reached (prefill: its matmul FLOPs over the
+peak measured around it; decode: the weights and the K/V cache a token reads over the bandwidth
+sampled right after each step), and the peak RSS of `internvl35.load` relative to the model's
+size in memory.
 
     .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
 """

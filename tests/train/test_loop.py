@@ -199,7 +199,11 @@ def test_two_process_fsdp_matches_one_process(tmp_path, tok_dir):
     import internvl35
     m1, m2 = (internvl35.load(tmp_path / d / "run" / "checkpoint") for d in ("one", "two"))
     # Reduction order differs between 1 and 2 processes; Adam turns float noise in near-zero gradients
-    # into updates of up to ~lr, so bound the largest difference loosely and the mean tightly.
+    # into updates of up to ~lr, so a few elements may differ by up to the learning rate (5.2e-4
+    # measured on one CPU, under 2e-4 on another). Bound how many differ beyond float noise (a wrong
+    # gradient reduction moves nearly all of them; measured here: at most 0.07% of any matrix), the
+    # largest difference by the largest learning rate, and the mean tightly.
     diffs = [(p1 - p2).detach().abs() for p1, p2 in zip(m1.model.parameters(), m2.model.parameters())]
-    assert max(float(d.max()) for d in diffs) < 2e-4
+    assert max(float(d.max()) for d in diffs) < DENSE["lr"]
+    assert max(float((d > 1e-5).float().mean()) for d in diffs) < 0.01
     assert sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs) < 1e-7
