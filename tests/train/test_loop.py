@@ -201,9 +201,10 @@ def test_two_process_fsdp_matches_one_process(tmp_path, tok_dir):
     # Reduction order differs between 1 and 2 processes; Adam turns float noise in near-zero gradients
     # into updates of up to ~lr, so a few elements may differ by up to the learning rate (5.2e-4
     # measured on one CPU, under 2e-4 on another). Bound how many differ beyond float noise (a wrong
-    # gradient reduction moves nearly all of them; measured here: at most 0.07% of any matrix), the
-    # largest difference by the largest learning rate, and the mean tightly.
+    # gradient reduction moves nearly all of them; measured here: 0.014% of all elements, single
+    # ones scattered over the tensors), the largest difference by the largest learning rate, and
+    # the mean tightly.
     diffs = [(p1 - p2).detach().abs() for p1, p2 in zip(m1.model.parameters(), m2.model.parameters())]
     assert max(float(d.max()) for d in diffs) < DENSE["lr"]
-    assert max(float((d > 1e-5).float().mean()) for d in diffs) < 0.01
+    assert sum(int((d > 1e-5).sum()) for d in diffs) / sum(d.numel() for d in diffs) < 1e-3
     assert sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs) < 1e-7
