@@ -16,8 +16,8 @@ from internvl35.sampling import SamplingParams, sample_next
 
 class StaticKVCache:
     """Preallocated K [B, K, S, Dh] and V^T [B, K, Dh, S] per layer; slots fill left to right,
-    `valid` marks real tokens. Eager steps attend over the filled prefix; a compiled decode step (static shapes)
-    attends over every slot with the unfilled ones masked."""
+    `valid` marks real tokens. Eager steps attend over the filled prefix; a compiled decode step
+    (static shapes) attends over every slot with the unfilled ones masked."""
 
     def __init__(self, model: InternVLModel, batch: int, max_len: int) -> None:
         t = model.cfg.text
