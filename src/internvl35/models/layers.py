@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from internvl35.models.cpu_matmul import onednn_faster, onednn_product, onednn_rows
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, then times the weight."""
@@ -119,7 +121,7 @@ def prepare_compile() -> None:
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return onednn_product(x, w, bias)
 
 
 _packed_op = None  # `_onednn_linear` as an operator compiled graphs call as is (see PackedWeight)
@@ -173,20 +175,29 @@ PACKED_MAX_ROWS = 128  # a packed weight serves products up to this many rows (s
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None) -> torch.Tensor:
-    """F.linear, except for products of a few rows (decode steps): from 2 rows through `packed` (a
-    copy of `weight`) when given and still current, else, on a multi-threaded CPU, as a batched matmul over
-    `threads` row blocks of the weight (a free view). MKL uses one core for such shapes: measured on
-    2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37 GB/s. One row keeps the split,
-    which a compiled step turns into loops that stream the weight faster than the packed product
-    (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step)."""
+    """F.linear, with two CPU fp32 inference exceptions. Products of a few rows (decode steps): from 2
+    rows through `packed` (a copy of `weight`) when given and still current, else, on a multi-threaded
+    CPU, as a batched matmul over `threads` row blocks of the weight (a free view). MKL uses one core
+    for such shapes: measured on 2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37
+    GB/s. One row keeps the split, which a compiled step turns into loops that stream the weight
+    faster than the packed product (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step). Larger products
+    (prefills, ViT passes) go through oneDNN where it measured clearly faster on this CPU
+    (`cpu_matmul`)."""
     rows = x.numel() // x.shape[-1]
     if packed is not None and 2 <= rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
         w = packed.get(weight)
         if w is not None:
             return _packed_op(x, w, bias) if torch.compiler.is_compiling() else _onednn_linear(x, w, bias)
     n = _threads()
-    if (n == 1 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or weight.shape[0] % n
-            or x.dtype != torch.float32 or torch.is_grad_enabled()):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    if rows > SPLIT_MAX_ROWS:
+        # prefill-sized: oneDNN where it is clearly the faster library on this CPU (compiled graphs
+        # keep F.linear, which inductor lowers itself)
+        if torch.compiler.is_compiling() or not onednn_faster(n):
+            return F.linear(x, weight, bias)
+        return onednn_rows(x, weight, bias)
+    if n == 1 or weight.shape[0] % n:
         return F.linear(x, weight, bias)
     # Row form [n, rows, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
     # same product measured 5x slower). Compiled (a decode step), inductor turns it into a reduction

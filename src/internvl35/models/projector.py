@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from internvl35.models.layers import Linear
+
 
 def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """ViT tokens [N, P, C] on a square grid -> [N, P*ratio^2, C/ratio^2] (ps_version v2).
@@ -24,15 +26,15 @@ def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
 def make_mlp1(vit_dim: int, llm_dim: int, ratio: float) -> nn.Sequential:
     """LayerNorm -> Linear -> GELU -> Linear; indices 0/1/3 are the checkpoint key names."""
     width = int(vit_dim / ratio**2)
-    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+    return nn.Sequential(nn.LayerNorm(width), Linear(width, llm_dim), nn.GELU(), Linear(llm_dim, llm_dim))
 
 
 def make_mlp2(vit_dim: int, llm_dim: int, ratio: float) -> nn.Sequential:
     """The Flash 64-token projector; indices 0/1/4/7 are the checkpoint key names."""
     width = int(vit_dim / ratio**2)
     return nn.Sequential(
-        nn.LayerNorm(width), nn.Linear(width, 2 * llm_dim), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(2 * llm_dim, 2 * llm_dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * llm_dim, llm_dim))
+        nn.LayerNorm(width), Linear(width, 2 * llm_dim), nn.GELU(), nn.Dropout(0.1),
+        Linear(2 * llm_dim, 2 * llm_dim), nn.GELU(), nn.Dropout(0.1), Linear(2 * llm_dim, llm_dim))
 
 
 class CrossAttentionPooling(nn.Module):
@@ -86,9 +88,9 @@ class Gating(nn.Module):
         super().__init__()
         for i in range(1, 5):
             setattr(self, f"block{i}", nn.Sequential(
-                nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
-                nn.Linear(expansion * dim, dim), nn.Dropout(dropout), nn.LayerNorm(dim)))
-        self.gate = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2))
+                Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
+                Linear(expansion * dim, dim), nn.Dropout(dropout), nn.LayerNorm(dim)))
+        self.gate = nn.Sequential(nn.LayerNorm(dim), Linear(dim, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, 2]; softmax(...)[:, 0] is the probability that 64 tokens suffice."""

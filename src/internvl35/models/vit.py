@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import VisionConfig
-from internvl35.models.layers import RMSNorm, attention
+from internvl35.models.layers import Linear, RMSNorm, attention
 
 
 def _norm(cfg: VisionConfig, dim: int) -> nn.Module:
@@ -50,8 +50,8 @@ class InternAttention(nn.Module):
         super().__init__()
         C = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(C, 3 * C, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(C, C)
+        self.qkv = Linear(C, 3 * C, bias=cfg.qkv_bias)
+        self.proj = Linear(C, C)
         if cfg.qk_norm:  # 6B: RMSNorm over all C channels, before the head split
             self.q_norm = RMSNorm(C, cfg.layer_norm_eps)
             self.k_norm = RMSNorm(C, cfg.layer_norm_eps)
@@ -70,8 +70,8 @@ class InternAttention(nn.Module):
 class InternMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

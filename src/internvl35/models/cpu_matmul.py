@@ -1,0 +1,67 @@
+"""Large fp32 products on CPU through oneDNN where it is the faster library on this machine.
+
+torch's F.linear runs on MKL (or another BLAS); oneDNN, the library behind torch's mkldnn ops,
+ships its own kernels. Which is faster depends on the CPU: on a 2-core AMD EPYC, F.linear reached
+123-194 GFLOP/s over ViT and LLM prefill shapes and oneDNN 200-221 (the 2048^3 product: 150-184
+vs 208-223), because MKL takes a slower path on CPUs it does not tune for. So the choice is
+measured, once per process and thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to one of 32 sizes per power of two (at least to a multiple of 8): under
+    3.2% more rows from 256 on, and a bounded set of shapes whatever the row counts."""
+    step = max(8, 1 << max(rows.bit_length() - 6, 0))
+    return -(-rows // step) * step
+
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN (weight [out, in], plain or pre-packed by mkldnn's reorder)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`onednn_product` with the rows zero-padded by `padded_rows`: oneDNN builds a kernel per shape
+    (about 0.9 ms each, measured with 256 x 256 weights), and an engine's prefill steps bring a new
+    row count nearly every time."""
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    total = padded_rows(rows)
+    if total == rows:
+        return onednn_product(x, weight, bias)
+    padded = x.new_empty(total, k)
+    padded[:rows] = x.reshape(rows, k)
+    padded[rows:] = 0
+    return onednn_product(padded, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def onednn_faster(threads: int) -> bool:
+    """Whether oneDNN computes a prefill-sized product (512 x 1024 x 1024) at least 10% faster than
+    F.linear with `threads` threads (the caller's torch.get_num_threads()). Where the two are close
+    the margin keeps F.linear, so the choice, and with it the last bits of results, does not flip
+    between runs. Alternating runs, best of three each (the machine's speed drifts);
+    INTERNVL35_CPU_MATMUL=onednn or =blas skips the measurement."""
+    forced = os.environ.get("INTERNVL35_CPU_MATMUL", "auto")
+    if forced not in ("auto", "onednn", "blas"):
+        raise ValueError(f"INTERNVL35_CPU_MATMUL={forced!r}: use auto, onednn or blas")
+    if not torch.backends.mkldnn.is_available() or forced != "auto":
+        return forced == "onednn" and torch.backends.mkldnn.is_available()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    runs = {torch.nn.functional.linear: [], onednn_product: []}
+    with torch.inference_mode():
+        for f in runs:  # warm-up: oneDNN builds its kernel on the first call
+            f(x, w)
+        for _ in range(3):
+            for f, times in runs.items():
+                t = time.perf_counter()
+                f(x, w)
+                times.append(time.perf_counter() - t)
+    return min(runs[onednn_product]) < 0.9 * min(runs[torch.nn.functional.linear])

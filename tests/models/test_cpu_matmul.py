@@ -1,0 +1,69 @@
+"""Large CPU products through oneDNN: padded row counts, equality with F.linear, and the routing
+that `linear()` takes from the measured (or forced) library choice."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from internvl35.models import cpu_matmul, layers
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+def test_padded_rows_bounded_waste_and_shape_count():
+    sizes = [cpu_matmul.padded_rows(r) for r in range(1, 8193)]
+    for r, p in enumerate(sizes, start=1):
+        assert p >= r and p % 8 == 0
+        if r >= 256:
+            assert p <= r * 1.032
+    assert cpu_matmul.padded_rows(1025) == 1056  # one 448px tile with its class token
+    assert len(set(sizes)) <= 32 * 8 + 32  # 32 sizes per power of two above 256
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(33, 24), (2, 50, 24), (1025, 24), (64, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_rows_equal_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    got = cpu_matmul.onednn_rows(x, w, b)
+    assert got.shape == (*shape[:-1], 40) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Force the library choice through the environment; the measured choice is restored after."""
+    def force(value: str) -> None:
+        monkeypatch.setenv("INTERNVL35_CPU_MATMUL", value)
+        cpu_matmul.onednn_faster.cache_clear()
+    yield force
+    monkeypatch.delenv("INTERNVL35_CPU_MATMUL")
+    cpu_matmul.onednn_faster.cache_clear()
+
+
+@needs_onednn
+def test_linear_routes_large_products_by_the_choice(forced, monkeypatch):
+    calls = []
+    real = layers.onednn_rows
+    monkeypatch.setattr(layers, "onednn_rows", lambda x, w, b: calls.append(x.shape) or real(x, w, b))
+    w, b = torch.randn(40, 24), torch.randn(40)
+    small, large = torch.randn(layers.SPLIT_MAX_ROWS, 24), torch.randn(layers.SPLIT_MAX_ROWS + 1, 24)
+    for value, expect in (("onednn", [large.shape]), ("blas", [])):
+        forced(value)
+        calls.clear()
+        with torch.inference_mode():
+            for x in (small, large):
+                torch.testing.assert_close(layers.linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        assert calls == expect, value
+    forced("onednn")
+    calls.clear()
+    layers.linear(large, w, b)  # with autograd on (training): F.linear, whatever the choice
+    assert calls == []
+
+
+def test_bad_choice_is_rejected(forced):
+    forced("fast")
+    with pytest.raises(ValueError, match="INTERNVL35_CPU_MATMUL"):
+        cpu_matmul.onednn_faster(1)
