@@ -54,6 +54,24 @@ def test_engine_greedy_equals_chat_for_mixed_concurrent_requests(mini):
     assert engine.block_manager.num_free == engine.num_blocks  # everything released
 
 
+def test_padded_step_rows_change_nothing(mini, monkeypatch):
+    """Steps run on row counts rounded up by `padded_rows`, the extra rows ignored by attention:
+    tokens and KV cache equal those of steps on the exact rows."""
+    from internvl35.engine import model_runner
+
+    prompts, params = mixed_prompts(mini, 6), SamplingParams(max_new_tokens=6)
+    real, rows = model_runner.padded_rows, []
+    monkeypatch.setattr(model_runner, "padded_rows", lambda r: rows.append(r) or real(r))
+    padded = LLMEngine(mini, EngineConfig(block_size=8))
+    got = padded.generate(prompts, params)
+    assert any(real(r) > r for r in rows)  # some step had extra rows
+    monkeypatch.setattr(model_runner, "padded_rows", lambda r: r)
+    exact = LLMEngine(mini, EngineConfig(block_size=8))
+    assert got == exact.generate(prompts, params)
+    for a, b in zip(padded.runner.cache.k + padded.runner.cache.v, exact.runner.cache.k + exact.runner.cache.v):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # extra rows stored nowhere
+
+
 def test_encode_batch_shares_vit_passes_and_encodes_each_image_once(mini, monkeypatch):
     from internvl35.engine.mm_cache import image_keys
 
@@ -194,3 +212,4 @@ def test_compiled_decode_steps_match_eager(mini, pack):
     assert got == LLMEngine(mini, EngineConfig(block_size=8)).generate(prompts, params)
     ops = {e.name for e in prof.events()}
     assert ("internvl35::packed_linear" in ops) == pack
+    assert "internvl35::paged_decode_attention" in ops  # compiled steps call the eager attention

@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import torch
 
-from internvl35.engine.paged_cache import PagedKVCache, build_layout
+from internvl35.engine.paged_cache import PagedKVCache, build_layout, register_decode_op
 from internvl35.engine.sequence import Sequence
 from internvl35.models.internvl import InternVLModel
-from internvl35.models.layers import prepare_compile
+from internvl35.models.cpu_matmul import padded_rows
+from internvl35.models.layers import SPLIT_MAX_ROWS, prepare_compile
 from internvl35.models.qwen3 import require_weights_as_prepared
 from internvl35.sampling import sample_next
 
@@ -36,6 +37,7 @@ def _compiled_decode_logits() -> Callable:
     The small ops of each layer fuse; the products stay library calls (mini on 2 cores: 2.2-4.9 ms per step at 4-18
     sequences vs 4.6-6.5 ms eager; at 32 no gain, 9.1 vs 8.9 ms)."""
     prepare_compile()
+    register_decode_op()
     return torch.compile(_decode_logits, dynamic=True, options={"realize_opcount_threshold": 0})
 
 
@@ -57,7 +59,11 @@ class ModelRunner:
         self.cache = PagedKVCache(t.num_layers, num_blocks, block_size, t.num_kv_heads, t.head_dim,
                                   p.dtype, p.device)
 
-    def _inputs(self, batch: list[tuple[Sequence, int]]):
+    def _inputs(self, batch: list[tuple[Sequence, int]], pad: bool = False):
+        """Flat ids, positions, image-row flags and image features of a step; with `pad`, the row
+        is filled up to a `padded_rows` size with rows that attention ignores (PagedKVCache.attend)
+        and nothing reads, so the model's products see a bounded set of shapes (oneDNN builds a
+        kernel per shape, 1-5 ms each, and prefill steps bring new token counts all the time)."""
         ids: list[int] = []
         positions: list[int] = []
         image_slots: list[bool] = []
@@ -76,6 +82,9 @@ class ModelRunner:
                 a, b = seq.feature_rows(start, end)
                 if b > a:
                     feats.append(seq.features[a:b])
+        if pad and len(ids) > SPLIT_MAX_ROWS:  # fewer rows take the products' other paths
+            extra = padded_rows(len(ids)) - len(ids)
+            ids, positions, image_slots = ids + [0] * extra, positions + [0] * extra, image_slots + [False] * extra
         dev = self.device
         return (torch.tensor(ids, device=dev)[None], torch.tensor(positions, device=dev)[None],
                 torch.tensor(image_slots, device=dev), torch.cat(feats).to(dev, self.dtype) if feats else None)
@@ -83,10 +92,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[int]:
         """Compute the new tokens of every sequence; -> the next token of each."""
-        ids, positions, image_slots, feats = self._inputs(batch)
         entries = [(seq.block_table, seq.num_computed, n) for seq, n in batch]
         self.cache.layout = build_layout(entries, self.block_size, self.device)
-        if self.compile and not self.cache.layout.prefills:  # every sequence adds one token
+        compiled = self.compile and not self.cache.layout.prefills  # every sequence adds one token
+        ids, positions, image_slots, feats = self._inputs(batch, pad=not compiled)
+        if compiled:
             logits = _compiled_decode_logits()(self.model, ids, positions, self.cache)
         else:
             lm = self.model.language_model

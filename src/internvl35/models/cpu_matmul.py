@@ -15,30 +15,19 @@ import time
 
 import torch
 
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN (weight [out, in], plain or pre-packed by mkldnn's reorder). oneDNN
+    builds a kernel per shape on first use (1-5 ms for prefill shapes, measured), so callers whose
+    row counts vary without bound (an engine's steps) round them with `padded_rows`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def padded_rows(rows: int) -> int:
     """`rows` rounded up to one of 32 sizes per power of two (at least to a multiple of 8): under
     3.2% more rows from 256 on, and a bounded set of shapes whatever the row counts."""
     step = max(8, 1 << max(rows.bit_length() - 6, 0))
     return -(-rows // step) * step
-
-
-def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear through oneDNN (weight [out, in], plain or pre-packed by mkldnn's reorder)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`onednn_product` with the rows zero-padded by `padded_rows`: oneDNN builds a kernel per shape
-    (about 0.9 ms each, measured with 256 x 256 weights), and an engine's prefill steps bring a new
-    row count nearly every time."""
-    rows, k = x.numel() // x.shape[-1], x.shape[-1]
-    total = padded_rows(rows)
-    if total == rows:
-        return onednn_product(x, weight, bias)
-    padded = x.new_empty(total, k)
-    padded[:rows] = x.reshape(rows, k)
-    padded[rows:] = 0
-    return onednn_product(padded, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internvl35.models.cpu_matmul import onednn_faster, onednn_product, onednn_rows
+from internvl35.models.cpu_matmul import onednn_faster, onednn_product
 
 
 class RMSNorm(nn.Module):
@@ -196,7 +196,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # keep F.linear, which inductor lowers itself)
         if torch.compiler.is_compiling() or not onednn_faster(n):
             return F.linear(x, weight, bias)
-        return onednn_rows(x, weight, bias)
+        return onednn_product(x, weight, bias)
     if n == 1 or weight.shape[0] % n:
         return F.linear(x, weight, bias)
     # Row form [n, rows, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
