@@ -94,7 +94,7 @@ class ModelRunner:
         """Compute the new tokens of every sequence; -> the next token of each."""
         entries = [(seq.block_table, seq.num_computed, n) for seq, n in batch]
         self.cache.layout = build_layout(entries, self.block_size, self.device)
-        compiled = self.compile and not self.cache.layout.prefills  # every sequence adds one token
+        compiled = self.compile and self.cache.layout.decode_only  # every sequence adds one token
         ids, positions, image_slots, feats = self._inputs(batch, pad=not compiled)
         if compiled:
             logits = _compiled_decode_logits()(self.model, ids, positions, self.cache)

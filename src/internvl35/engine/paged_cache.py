@@ -1,9 +1,10 @@
 """The paged KV cache: one flat pool of slots per layer, addressed through each sequence's block table.
 
 A step's tokens from many sequences (prefill chunks and single decode tokens, mixed) arrive as one
-flat row. `attend` writes their K/V into their slots, then attends each prefill over its own slots
-and all decodes together over padded slot lists. This is the one place a GPU varlen / paged kernel
-would replace the PyTorch code.
+flat row. `attend` writes their K/V into their slots, then attends prefills with nothing cached
+over their own rows (several at once, padded to a common length), other prefills each over its
+slots, and all decodes together over padded slot lists. This is the one place a GPU varlen /
+paged kernel would replace the PyTorch code.
 """
 
 from __future__ import annotations
@@ -16,21 +17,63 @@ from internvl35.models.layers import attention
 
 
 @dataclass
+class FreshGroup:
+    """Prefills with nothing cached, attended over their own rows of the step in one call: right-
+    padded to the longest, causal masking keeps every real query off the padding (mini, 32
+    prompts of 42-111 tokens: one call per layer instead of 32). One sequence is a plain slice."""
+
+    start: int  # one sequence: its rows [start, end)
+    end: int
+    gather: torch.Tensor | None = None  # several: [P, Lmax] flat rows (padding repeats a last row)
+    rows: torch.Tensor | None = None  # [n] flat rows of their tokens
+    places: torch.Tensor | None = None  # [n] where those sit in the padded [P * Lmax]
+
+
+def _fresh_groups(spans: list[tuple[int, int]], device: torch.device) -> list[FreshGroup]:
+    """(flat start, length) of fresh prefills -> groups whose lengths are within 2x of each other
+    (bounds the padded attention's extra work)."""
+    groups: list[list[tuple[int, int]]] = []
+    for span in sorted(spans, key=lambda sp: -sp[1]):
+        if groups and span[1] * 2 >= groups[-1][0][1]:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    out = []
+    for g in groups:
+        if len(g) == 1:
+            out.append(FreshGroup(g[0][0], g[0][0] + g[0][1]))
+            continue
+        width = g[0][1]
+        col = torch.arange(width)
+        starts, lens = torch.tensor([sp[0] for sp in g]), torch.tensor([sp[1] for sp in g])
+        gather = starts[:, None] + torch.minimum(col[None], lens[:, None] - 1)
+        real = col[None] < lens[:, None]
+        places = torch.arange(len(g) * width).view(len(g), width)[real]
+        out.append(FreshGroup(0, 0, gather.to(device), gather[real].to(device), places.to(device)))
+    return out
+
+
+@dataclass
 class StepLayout:
     """Where each sequence of a step sits in the flat row and in the cache (built once per step)."""
 
     slots: torch.Tensor  # [T] cache slot of every new token
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (q start, q end, slots [ctx], mask)
+    fresh: list[FreshGroup]  # prefills with nothing cached
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # the others: (q start, q end, slots [ctx], mask)
     decode_rows: torch.Tensor | None  # [B] positions of the decode tokens in the flat row
     decode_slots: torch.Tensor | None  # [B, S] slots of each decode sequence's context (padded)
     decode_mask: torch.Tensor | None  # [B, 1, 1, S] True = real key
+
+    @property
+    def decode_only(self) -> bool:
+        return not (self.fresh or self.prefills)
 
 
 def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
                  device: torch.device) -> StepLayout:
     """entries: per sequence (block table, tokens already cached, new tokens), in flat-row order."""
     slots: list[int] = []  # the new tokens' cache slots, in flat-row order
-    prefills, dec_rows, dec_tables, dec_lens = [], [], [], []
+    prefills, fresh, dec_rows, dec_tables, dec_lens = [], [], [], [], []
     row = 0
     for table, cached, new in entries:
         ctx = cached + new
@@ -41,16 +84,17 @@ def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
             dec_rows.append(row)
             dec_tables.append(table)
             dec_lens.append(ctx)
+        elif cached == 0:
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(new)]
+            fresh.append((row, new))
         else:
             all_slots = _slots(torch.tensor(table), block_size, torch.arange(ctx))
             slots += all_slots[cached:].tolist()
-            mask = None
-            if cached:  # causal with an offset: query j sees keys <= cached + j
-                q = torch.arange(cached, ctx)[:, None]
-                mask = (torch.arange(ctx)[None, :] <= q)[None, None].to(device)
-            prefills.append((row, row + new, all_slots.to(device), mask))
+            # causal with an offset: query j sees keys <= cached + j
+            mask = (torch.arange(ctx)[None, :] <= torch.arange(cached, ctx)[:, None])[None, None]
+            prefills.append((row, row + new, all_slots.to(device), mask.to(device)))
         row += new
-    layout = StepLayout(torch.tensor(slots, device=device), prefills, None, None, None)
+    layout = StepLayout(torch.tensor(slots, device=device), _fresh_groups(fresh, device), prefills, None, None, None)
     if dec_rows:
         S = max(dec_lens)
         width = -(-S // block_size)
@@ -99,10 +143,20 @@ class PagedKVCache:
         vc.index_copy_(0, lay.slots, v[0, :, :n].transpose(0, 1))
         out = torch.empty_like(q)
         out[:, :, n:] = 0
+        for g in lay.fresh:
+            if g.gather is None:
+                rows = slice(g.start, g.end)
+                out[:, :, rows] = attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal=True)
+                continue
+            P, width = g.gather.shape
+            pq, pk, pv = (t[0].index_select(1, g.gather.view(-1)).unflatten(1, (P, width)).transpose(0, 1)
+                          for t in (q, k, v))  # [P, heads, Lmax, Dh]
+            o = attention(pq, pk, pv, causal=True).transpose(0, 1).flatten(1, 2)  # [H, P * Lmax, Dh]
+            out[0].index_copy_(1, g.rows, o.index_select(1, g.places))
         for start, end, slots, mask in lay.prefills:
             keys = kc.index_select(0, slots).transpose(0, 1)[None]  # [1, K, ctx, Dh]
             values = vc.index_select(0, slots).transpose(0, 1)[None]
-            out[:, :, start:end] = attention(q[:, :, start:end], keys, values, causal=mask is None, mask=mask)
+            out[:, :, start:end] = attention(q[:, :, start:end], keys, values, causal=False, mask=mask)
         if lay.decode_rows is not None:
             qd = q[0, :, lay.decode_rows].transpose(0, 1)  # [B, H, Dh]
             decode = _decode_op if torch.compiler.is_compiling() else decode_attention
