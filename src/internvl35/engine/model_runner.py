@@ -34,8 +34,9 @@ def _decode_logits(model: InternVLModel, ids: torch.Tensor, positions: torch.Ten
 def _compiled_decode_logits() -> Callable:
     """`_decode_logits` as one graph with dynamic batch size and context length: three compiles (one
     sequence, 2..SPLIT_MAX_ROWS or PACKED_MAX_ROWS, more) instead of one per batch size and length.
-    The small ops of each layer fuse; the products stay library calls (mini on 2 cores: 2.2-4.9 ms per step at 4-18
-    sequences vs 4.6-6.5 ms eager; at 32 no gain, 9.1 vs 8.9 ms)."""
+    The small ops of each layer fuse; the products and the paged attention stay library calls (mini
+    on 2 cores: 2.2-4.9 ms per step at 4-18 sequences vs 4.6-6.5 ms eager; at 32, 7.6 ms since the
+    attention became one operator, 10.9 ms with inductor's own loops for it)."""
     prepare_compile()
     register_decode_op()
     return torch.compile(_decode_logits, dynamic=True, options={"realize_opcount_threshold": 0})
