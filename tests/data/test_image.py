@@ -40,6 +40,28 @@ def test_normalisation():
     assert abs(x[0, 0, 0, 0].item() - (1 - 0.485) / 0.229) < 1e-5
 
 
+def test_normalisation_equals_the_formula_per_channel_and_tile():
+    """(pixel / 255 - mean) / std, exactly, channel by channel and tile by tile, in contiguous
+    NCHW; a tile of another size is resized, an RGBA one converted."""
+    import numpy as np
+    import torch
+
+    from internvl35.data.image import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(3)]
+    tiles = [Image.fromarray(a) for a in arrays] + [Image.fromarray(arrays[0]).convert("RGBA"),
+                                                      Image.fromarray(arrays[1]).resize((56, 56))]
+    x = tiles_to_tensor(tiles, 28)
+    assert x.shape == (5, 3, 28, 28) and x.is_contiguous()
+    want = [np.asarray(t.convert("RGB").resize((28, 28), Image.BICUBIC) if t.size != (28, 28) else t.convert("RGB"))
+            for t in tiles]
+    for i, a in enumerate(want):
+        for c in range(3):
+            ref = (torch.from_numpy(a[:, :, c].astype(np.float32)) / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+            torch.testing.assert_close(x[i, c], ref, atol=0, rtol=0)
+
+
 def test_bad_images(tmp_path):
     with pytest.raises(InputError, match="cannot decode"):
         load_image(b"not an image")
