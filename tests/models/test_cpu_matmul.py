@@ -67,3 +67,13 @@ def test_bad_choice_is_rejected(forced):
     forced("fast")
     with pytest.raises(ValueError, match="INTERNVL35_CPU_MATMUL"):
         cpu_matmul.onednn_faster(1)
+
+
+@needs_onednn
+@pytest.mark.parametrize("choice", ["onednn", "blas"])
+def test_linear_gelu_equals_gelu_of_linear(forced, choice):
+    forced(choice)
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 40, 24, generator=g), torch.randn(64, 24, generator=g), torch.randn(64, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)

@@ -208,6 +208,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if bias is None else out + bias
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(linear(x)) (exact erf form); where `linear` takes oneDNN, the GELU runs inside the
+    product's output pass (same values; mini's ViT fc1 over 64 tiles: 6.8 vs 7.1 ms on 2 cores,
+    and no separate pass over its [rows, 4C] output)."""
+    rows = x.numel() // x.shape[-1]
+    if (rows > SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_faster(_threads())):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return F.gelu(linear(x, weight, bias))
+
+
 class FusedLinears:
     """Linears that read the same input (q/k/v, gate/up) with their weights, and biases, moved into one
     buffer: every parameter becomes a view of its rows, so nothing is duplicated, names and

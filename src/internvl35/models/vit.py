@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import VisionConfig
-from internvl35.models.layers import Linear, RMSNorm, attention
+from internvl35.models.layers import Linear, RMSNorm, attention, linear_gelu
 
 
 def _norm(cfg: VisionConfig, dim: int) -> nn.Module:
@@ -74,7 +74,7 @@ class InternMLP(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
 
 
 class InternVisionEncoderLayer(nn.Module):
