@@ -16,11 +16,13 @@ import time
 import torch
 
 
-def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear through oneDNN (weight [out, in], plain or pre-packed by mkldnn's reorder). oneDNN
-    builds a kernel per shape on first use (1-5 ms for prefill shapes, measured), so callers whose
-    row counts vary without bound (an engine's steps) round them with `padded_rows`."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   activation: str = "none") -> torch.Tensor:
+    """F.linear through oneDNN (weight [out, in], plain or pre-packed by mkldnn's reorder), with
+    `activation` ("none" or "gelu", the exact erf form) applied in the product's output pass.
+    oneDNN builds a kernel per shape on first use (1-5 ms for prefill shapes, measured), so callers
+    whose row counts vary without bound (an engine's steps) round them with `padded_rows`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
 
 
 def padded_rows(rows: int) -> int:

@@ -188,16 +188,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         w = packed.get(weight)
         if w is not None:
             return _packed_op(x, w, bias) if torch.compiler.is_compiling() else _onednn_linear(x, w, bias)
-    n = _threads()
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    if rows > SPLIT_MAX_ROWS:
-        # prefill-sized: oneDNN where it is clearly the faster library on this CPU (compiled graphs
-        # keep F.linear, which inductor lowers itself)
-        if torch.compiler.is_compiling() or not onednn_faster(n):
-            return F.linear(x, weight, bias)
+    if _onednn_route(x, rows):
         return onednn_product(x, weight, bias)
-    if n == 1 or weight.shape[0] % n:
+    n = _threads()
+    if (n == 1 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or weight.shape[0] % n
+            or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     # Row form [n, rows, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
     # same product measured 5x slower). Compiled (a decode step), inductor turns it into a reduction
@@ -212,11 +207,17 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """gelu(linear(x)) (exact erf form); where `linear` takes oneDNN, the GELU runs inside the
     product's output pass (same values; mini's ViT fc1 over 64 tiles: 6.8 vs 7.1 ms on 2 cores,
     and no separate pass over its [rows, 4C] output)."""
-    rows = x.numel() // x.shape[-1]
-    if (rows > SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_faster(_threads())):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    if _onednn_route(x, x.numel() // x.shape[-1]):
+        return onednn_product(x, weight, bias, activation="gelu")
     return F.gelu(linear(x, weight, bias))
+
+
+def _onednn_route(x: torch.Tensor, rows: int) -> bool:
+    """Whether a product of `rows` rows goes through oneDNN: prefill-sized, CPU fp32 inference,
+    outside compiled graphs (inductor lowers F.linear itself), where oneDNN measured clearly faster
+    on this CPU (`cpu_matmul.onednn_faster`)."""
+    return (rows > SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_faster(_threads()))
 
 
 class FusedLinears:
