@@ -84,15 +84,14 @@ def build_layout(entries: list[tuple[list[int], int, int]], block_size: int,
             dec_rows.append(row)
             dec_tables.append(table)
             dec_lens.append(ctx)
-        elif cached == 0:
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(new)]
-            fresh.append((row, new))
         else:
             all_slots = _slots(torch.tensor(table), block_size, torch.arange(ctx))
             slots += all_slots[cached:].tolist()
-            # causal with an offset: query j sees keys <= cached + j
-            mask = (torch.arange(ctx)[None, :] <= torch.arange(cached, ctx)[:, None])[None, None]
-            prefills.append((row, row + new, all_slots.to(device), mask.to(device)))
+            if cached == 0:  # attends over its own rows of the step
+                fresh.append((row, new))
+            else:  # causal with an offset: query j sees keys <= cached + j
+                mask = (torch.arange(ctx)[None, :] <= torch.arange(cached, ctx)[:, None])[None, None]
+                prefills.append((row, row + new, all_slots.to(device), mask.to(device)))
         row += new
     layout = StepLayout(torch.tensor(slots, device=device), _fresh_groups(fresh, device), prefills, None, None, None)
     if dec_rows:
