@@ -50,3 +50,24 @@ def test_attend_mixed_step_equals_per_sequence_attention():
         torch.testing.assert_close(out[0, :, row:row + new], want, atol=1e-5, rtol=1e-5)
         row += new
     assert out[0, :, T:].abs().max() == 0  # padding rows: zero, and not stored
+
+
+def test_decode_operator_returns_the_layout_its_fake_declares():
+    """Compiled steps trust the fake kernel's strides. The real output's layout depends on the
+    kernel (CUDA's SDPA hands back a transposed one; on the CPU a [B, D, H]-ordered query gives a
+    contiguous output): a fake that copied the query's strides made inductor read it wrongly."""
+    from internvl35.engine.paged_cache import register_decode_op
+
+    register_decode_op()
+    g = torch.Generator().manual_seed(0)
+    B, H, K, D, S, N = 3, 4, 2, 16, 5, 12
+    kc, vc = torch.randn(N, K, D, generator=g), torch.randn(N, K, D, generator=g)
+    slots = torch.randint(0, N, (B, S), generator=g)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., 3:] = False
+    queries = {"contiguous": torch.randn(B, H, D, generator=g),
+               "heads outer": torch.randn(H, B, D, generator=g).transpose(0, 1),
+               "channels outer": torch.randn(B, D, H, generator=g).transpose(1, 2)}
+    for q in queries.values():
+        torch.library.opcheck(torch.ops.internvl35.paged_decode_attention.default, (q, kc, vc, slots, mask),
+                              test_utils=("test_faketensor",))

@@ -171,7 +171,9 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
     flat = slots.reshape(-1)
     keys = kc.index_select(0, flat).view(B, S, *kc.shape[1:]).permute(0, 2, 1, 3)  # [B, K, S, Dh]
     values = vc.index_select(0, flat).view(B, S, *vc.shape[1:]).permute(0, 2, 1, 3)
-    return attention(q[:, :, None], keys, values, causal=False, mask=mask)[:, :, 0]
+    # contiguous, as the operator's fake declares: the kernel's own layout varies (CUDA's SDPA
+    # returns a transposed one), and compiled steps read the output by the declared strides
+    return attention(q[:, :, None], keys, values, causal=False, mask=mask)[:, :, 0].contiguous()
 
 
 _decode_op = None  # `decode_attention` as an operator that compiled steps call as is
@@ -185,4 +187,4 @@ def register_decode_op() -> None:
     global _decode_op
     if _decode_op is None:
         _decode_op = torch.library.custom_op("internvl35::paged_decode_attention", mutates_args=())(decode_attention)
-        _decode_op.register_fake(lambda q, kc, vc, slots, mask: torch.empty_like(q))
+        _decode_op.register_fake(lambda q, kc, vc, slots, mask: q.new_empty(q.shape))
