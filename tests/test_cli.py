@@ -42,3 +42,15 @@ def test_serve_rejects_an_unknown_preprocess_side_before_loading(tmp_path):
     # a missing checkpoint would fail later, at loading: the option is checked first
     r = _cli("serve", "--model", str(tmp_path / "absent"), "--vision", "tcp://127.0.0.1:1", "--preprocess", "gpu")
     assert r.returncode == 1 and r.stderr.strip() == "error: preprocess takes one of vision, language, not 'gpu'"
+
+
+def test_a_device_that_is_not_here_is_one_line_before_loading(tmp_path):
+    # a missing checkpoint would fail later, at loading: the device is checked first
+    absent = str(tmp_path / "absent")
+    for cmd in (["chat", "--model", absent, "hi"], ["serve", "--model", absent], ["serve-vision", "--model", absent],
+                ["eval", "--model", absent, "--n", "1"]):
+        r = _cli(*cmd, "--device", "tpu")
+        want = "error: unknown device 'tpu': use cpu, cuda or cuda:N"
+        assert r.returncode == 1 and r.stderr.strip() == want, r.stderr
+    r = _cli("serve-vision", "--model", absent, "--device", "cuda:99")
+    assert r.returncode == 1 and r.stderr.startswith("error: device 'cuda:99': ") and "Traceback" not in r.stderr

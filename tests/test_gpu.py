@@ -1,8 +1,13 @@
 """The same checks on a CUDA GPU (skipped where there is none): parity with transformers on the GPU,
-the GPU's bf16 default against the CPU's fp32, the engine against `chat`, and training (the loop,
-the dense stage and data workers) on the GPU."""
+the GPU's bf16 default against the CPU's fp32, the engine against `chat`, training (the loop,
+the dense stage and data workers), and the coupled and decoupled servers on the GPU."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -46,11 +51,12 @@ def test_gpu_bf16_default_and_fp32_answers_match_the_cpu(mini):
         assert low.argmax() == ref.argmax()
 
 
-def test_engine_on_gpu_equals_chat():
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_on_gpu_equals_chat(compile):
     from internvl35.engine.llm_engine import EngineConfig, LLMEngine
     from tests.engine.test_engine import chat_ids, mixed_prompts
 
-    cm = internvl35.load("mini", dtype=torch.float32, device="cuda")
+    cm = internvl35.load("mini", dtype=torch.float32, device="cuda", compile=compile)
     prompts = mixed_prompts(cm, 10)
     params = [SamplingParams(max_new_tokens=6 + 2 * (i % 4)) for i in range(len(prompts))]
     engine = LLMEngine(cm, EngineConfig(block_size=8))
@@ -72,3 +78,49 @@ def test_training_on_gpu_with_data_workers(tmp_path, tok_dir):
     assert all(0 < r["mfu"] < 1 for r in _metrics(tmp_path / "run"))
     trained = internvl35.load(final)  # the GPU-trained checkpoint loads on the CPU
     assert next(trained.model.parameters()).device.type == "cpu"
+
+
+def test_servers_on_gpu_decoupled_equal_coupled(tmp_path):
+    """The commands themselves: `serve-vision --device cuda` + `serve --device cuda --vision ...` answer
+    exactly as `serve --device cuda` (the same bf16 features cross the wire, the same engine decodes)."""
+    import openai
+
+    from internvl35.data.world import generate
+    from tests.serve.test_openai_server import data_url, free_port, user
+
+    vision_port, dvd_port, coupled_port = free_port(), free_port(), free_port()
+    cli = [sys.executable, "-m", "internvl35.cli"]
+    named = ["--served-model-name", "mini"]
+    commands = [["serve-vision", "--device", "cuda", "--bind", f"tcp://127.0.0.1:{vision_port}"],
+                ["serve", "--device", "cuda", "--port", str(dvd_port), "--vision", f"tcp://127.0.0.1:{vision_port}",
+                 *named],
+                ["serve", "--device", "cuda", "--port", str(coupled_port), *named]]
+    logs = [open(tmp_path / f"server{i}.log", "w") for i in range(3)]
+    procs = [subprocess.Popen(cli + c, stdout=log, stderr=subprocess.STDOUT) for c, log in zip(commands, logs)]
+    try:
+        for port in (dvd_port, coupled_port):
+            for _ in range(240):
+                dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+                assert not dead, (tmp_path / f"server{dead[0]}.log").read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+        answers = {}
+        for port in (dvd_port, coupled_port):
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            answers[port] = []
+            for i, fam in enumerate(["counting", "attributes", "charts"]):
+                s = generate(fam, 2**48 + 40 + i)
+                r = client.chat.completions.create(model="mini", messages=user(s.question, data_url(s.images[0])),
+                                                   max_tokens=12)
+                answers[port].append(r.choices[0].message.content)
+        assert all(answers[dvd_port]) and answers[dvd_port] == answers[coupled_port]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        for log in logs:
+            log.close()

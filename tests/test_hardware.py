@@ -36,3 +36,19 @@ def test_freed_buffers_are_reused_without_page_faults():
     # 10 x 36 MB = 92,160 pages of 4 KB: mapped afresh on every allocation unless reused
     pinned, tuned = _faults("pinned"), _faults("tuned")
     assert pinned > 50_000 and tuned < 1_000, (pinned, tuned)
+
+
+def test_check_device_names_what_is_wrong():
+    import torch
+
+    from internvl35.hardware import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^unknown device 'tpu': use cpu, cuda or cuda:N$"):
+        check_device("tpu")
+    # no CUDA here: no GPU is visible; with one: there is no 100th
+    with pytest.raises(ValueError, match=r"^device 'cuda:99': (no CUDA GPU is visible|this machine has \d+ CUDA)"):
+        check_device("cuda:99")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            check_device("cuda")

@@ -21,6 +21,7 @@ from internvl35.data.tokenizer import Tokenizer
 from internvl35.data.video import load_frames
 from internvl35.errors import InputError
 from internvl35.generate import generate_stream
+from internvl35.hardware import check_device
 from internvl35.models.internvl import InternVLModel, flash_keep_mask
 from internvl35.models.qwen3 import fuse_projections_, pack_weights_
 from internvl35.sampling import SamplingParams
@@ -242,6 +243,7 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
     torch.compile (a one-time compile per batch size and length bucket, then faster steps);
     `pack_weights` keeps a oneDNN-packed copy of the LLM weights for decode steps (fp32 CPU; the
     LLM's size in memory again: see `PackedWeight`)."""
+    device = check_device(device)  # before reading anything: a bad name fails in one line
     path = resolve_path(path_or_preset)
     cfg, fmt = config_from_dict(read_config_json(path), name=path.name)
     tokenizer = Tokenizer.from_dir(path)

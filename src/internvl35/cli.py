@@ -14,6 +14,7 @@ from internvl35.errors import InternVLError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="InternVL3.5 in plain PyTorch.")
 PACK_HELP = ("Keep a oneDNN-packed copy of the LLM weights for decode steps (CPU, fp32): faster batched "
              "decoding of 1B-sized and larger models, at the LLM's size in memory again.")
+DEVICE_HELP = "cpu | cuda | cuda:N (bf16 weights on a GPU, fp32 on the CPU)."
 _state = {"debug": False}
 
 
@@ -64,7 +65,7 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     flash: Optional[bool] = typer.Option(None, "--flash/--no-flash", help="Flash router on/off (Flash models)."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (compiles once, "
                                  "then decodes faster; pays off for long answers and interactive sessions)."),
     pack_weights: bool = typer.Option(False, "--pack-weights", help=PACK_HELP),
@@ -127,13 +128,14 @@ def serve(
     preprocess: str = typer.Option("vision", "--preprocess", help="With --vision: where images are decoded and "
                                    "tiled, 'vision' (the server gets the file) or 'language' (here; float32 "
                                    "tiles travel: for busy vision servers on a fast network)."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /health, /metrics."""
     from internvl35.serve.server import run_server
 
     _run(lambda: run_server(model, host, port, media_dir, max_images, kv_cache_mb, max_num_seqs, vision,
                             vision_timeout, threads, served_model_name, compile=compile,
-                            pack_weights=pack_weights, preprocess=preprocess))
+                            pack_weights=pack_weights, preprocess=preprocess, device=device))
 
 
 @app.command("serve-vision")
@@ -145,11 +147,12 @@ def serve_vision(
                                                   "(default: about 1024 ViT tokens; a request never splits)."),
     decode_workers: int = typer.Option(2, "--decode-workers",
                                        help="Threads decoding and tiling image files while the ViT runs (0: inline)."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Vision server for decoupled deployment: ViT + projectors + Flash router, features over TCP."""
     from internvl35.serve.vision_server import run_vision_server
 
-    _run(lambda: run_vision_server(model, bind, threads, max_batch_tiles, decode_workers))
+    _run(lambda: run_vision_server(model, bind, threads, max_batch_tiles, decode_workers, device))
 
 
 @app.command()
@@ -212,7 +215,7 @@ def evaluate(
     n: int = typer.Option(100, "--n", help="Samples per task."),
     family: list[str] = typer.Option([], "--family", help="Only these families (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--json", help="Write the report here."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Accuracy per task family on held-out samples of the mini world."""
 

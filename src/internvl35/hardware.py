@@ -1,5 +1,6 @@
 """Measured machine limits (fp32 matmul FLOP/s, memory bandwidth) used to express throughput as a
-fraction of what the hardware can do; shared by training logs and the benchmarks."""
+fraction of what the hardware can do; shared by training logs and the benchmarks. Also the check
+that a device a user names exists here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,31 @@ from collections.abc import Callable
 import torch
 
 from internvl35.models.cpu_matmul import onednn_product
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The device `name` as torch sees it, or a ValueError that says what is wrong in one line
+    (torch's own errors are an AssertionError for a build without CUDA and a 30-name list for a
+    mistyped type, both deep inside the first tensor moved there)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(name)!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r}: no CUDA GPU is visible to this PyTorch "
+                             f"({torch.__version__}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+        return dev
+    try:  # other backends (mps, xpu, ...): usable if a tensor can live there
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {str(name)!r} is not usable here: {str(e).splitlines()[0]}") from None
+    return dev
 
 
 def best_of(fn: Callable[[], object], repeats: int = 3) -> float:

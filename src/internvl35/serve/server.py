@@ -18,14 +18,15 @@ from internvl35.serve.vision_client import RemoteVision, check_preprocess
 def create_app(model: str | ChatModel = "mini", engine_config: EngineConfig | None = None,
                limits: ServerLimits = ServerLimits(), name: str | None = None,
                vision: list[str] = (), vision_timeout_s: float = 30.0, compile: bool = False,
-               pack_weights: bool = False, preprocess: str = "vision") -> FastAPI:
+               pack_weights: bool = False, preprocess: str = "vision", device: str = "cpu") -> FastAPI:
     """The OpenAI server; with `vision` endpoints only the LLM is loaded and images go to those
     vision servers (decoupled deployment), decoded and tiled on the side `preprocess` names.
     `compile` decodes through torch.compile, compiled here before the first request;
-    `pack_weights` as in `load`."""
+    `pack_weights` and `device` as in `load`."""
     check_preprocess(preprocess)  # before the model loads
     if isinstance(model, (str, Path)):
-        model = load(model, part="language" if vision else "all", compile=compile, pack_weights=pack_weights)
+        model = load(model, part="language" if vision else "all", compile=compile, pack_weights=pack_weights,
+                     device=device)
     llm = LLMEngine(model, engine_config)
     llm.warmup()
     engine = AsyncEngine(llm)
@@ -45,7 +46,7 @@ def run_server(model: str, host: str, port: int, media_dir: Path | None = None, 
                kv_cache_mb: int = 512, max_num_seqs: int = 64, vision: list[str] = (),
                vision_timeout_s: float = 30.0, threads: int | None = None, name: str | None = None,
                log_level: str = "info", compile: bool = False, pack_weights: bool = False,
-               preprocess: str = "vision") -> None:
+               preprocess: str = "vision", device: str = "cpu") -> None:
     import torch
     import uvicorn
 
@@ -55,5 +56,5 @@ def run_server(model: str, host: str, port: int, media_dir: Path | None = None, 
     limits = ServerLimits(max_images=max_images, media=MediaLimits(local_dir=media_dir))
     config = EngineConfig(kv_cache_bytes=kv_cache_mb * 2**20, max_num_seqs=max_num_seqs)
     app = create_app(model, config, limits, name, vision=vision, vision_timeout_s=vision_timeout_s, compile=compile,
-                     pack_weights=pack_weights, preprocess=preprocess)
+                     pack_weights=pack_weights, preprocess=preprocess, device=device)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -193,13 +193,14 @@ class VisionServer:
 
 
 def run_vision_server(model: str, bind: str, threads: int | None = None, max_batch_tiles: int | None = None,
-                      decode_workers: int = 2) -> None:
+                      decode_workers: int = 2, device: str = "cpu") -> None:
     from internvl35.chat import load
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    server = VisionServer(load(model, part="vision"), bind, max_batch_tiles, decode_workers=decode_workers)
+    chat_model = load(model, part="vision", device=device)
+    server = VisionServer(chat_model, bind, max_batch_tiles, decode_workers=decode_workers)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

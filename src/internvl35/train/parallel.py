@@ -13,12 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from internvl35.hardware import check_device
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto': this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    dev = check_device(name)
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
