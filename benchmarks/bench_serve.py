@@ -11,6 +11,7 @@ throughput, mean TTFT, mean time per output token, and the engine / transformers
     .venv/bin/python benchmarks/bench_serve.py --compile       # the engine's decode steps compiled
     .venv/bin/python benchmarks/bench_serve.py --compile --pack-weights   # + packed LLM weights
     .venv/bin/python benchmarks/bench_serve.py --model 1B --n 8 --concurrency 1 8 --max-tokens 8
+    .venv/bin/python benchmarks/bench_serve.py --device cuda  # both systems on a GPU, in bf16
 """
 
 from __future__ import annotations
@@ -132,10 +133,11 @@ def run_transformers(hf, pad_id: int, stop_id: int, prompts: list, conc: int, to
         for j, p in enumerate(batch):
             ids[j, L - len(p.input_ids):] = torch.tensor(p.input_ids)
             mask[j, L - len(p.input_ids):] = 1
-        pv = [p.pixel_values for p in batch if p.pixel_values is not None]
+        pv = [p.pixel_values.to(hf.device, hf.dtype) for p in batch if p.pixel_values is not None]
         streamer = _FirstToken()
         t = time.perf_counter()
         with torch.inference_mode():
+            ids, mask = ids.to(hf.device), mask.to(hf.device)
             out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pv) if pv else None,
                               max_new_tokens=tokens, min_new_tokens=tokens if ignore_eos else None,
                               do_sample=False, streamer=streamer, pad_token_id=pad_id, eos_token_id=stop_id)
@@ -166,6 +168,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="the engine's KV cache")
     ap.add_argument("--compile", action="store_true", help="the engine decodes through torch.compile "
                     "(`internvl35 serve --compile`); compiled before timing, as the server does at start-up")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: both systems there, in the engine's default "
+                    "dtype (fp32 on the CPU, bf16 on a GPU)")
     ap.add_argument("--pack-weights", action="store_true", help="the engine's LLM keeps packed weights for "
                     "batched decode steps (`internvl35 serve --pack-weights`)")
     args = ap.parse_args()
@@ -175,17 +179,17 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     ours_dir, hf_dir = checkpoint_dirs(args.model, tmp)
-    cm = internvl35.load(ours_dir, compile=args.compile, pack_weights=args.pack_weights)
+    cm = internvl35.load(ours_dir, compile=args.compile, pack_weights=args.pack_weights, device=args.device)
     t = time.perf_counter()
     LLMEngine(cm, EngineConfig(kv_cache_bytes=2**28)).warmup()
     if args.compile:
         print(f"engine decode step compiled in {time.perf_counter() - t:.1f} s", flush=True)
-    hf = InternVLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = InternVLForConditionalGeneration.from_pretrained(hf_dir, dtype=cm.dtype).eval().to(cm.device)
     prompts = workload(cm, args.n)
     tiles = sum(sum(p.tiles_per_image) for p in prompts)
     limit = f"exactly {args.max_tokens}" if args.ignore_eos else f"up to {args.max_tokens} (stop at EOS)"
     print(f"{args.model}: {args.n} requests, {tiles} tiles, {sum(len(p.input_ids) for p in prompts)} prompt "
-          f"tokens, {limit} output tokens each, {args.threads} threads, engine "
+          f"tokens, {limit} output tokens each, {args.device} ({cm.dtype}), {args.threads} threads, engine "
           f"{'compiled' if args.compile else 'eager'}{', packed weights' if args.pack_weights else ''}", flush=True)
     rows = {}
     for c in args.concurrency:
