@@ -56,7 +56,7 @@ def test_decode_operator_returns_the_layout_its_fake_declares():
     """Compiled steps trust the fake kernel's strides. The real output's layout depends on the
     kernel (CUDA's SDPA hands back a transposed one; on the CPU a [B, D, H]-ordered query gives a
     contiguous output): a fake that copied the query's strides made inductor read it wrongly."""
-    from internvl35.engine.paged_cache import register_decode_op
+    from internvl35.engine.paged_cache import DECODE_OP, register_decode_op
 
     register_decode_op()
     g = torch.Generator().manual_seed(0)
@@ -69,5 +69,5 @@ def test_decode_operator_returns_the_layout_its_fake_declares():
                "heads outer": torch.randn(H, B, D, generator=g).transpose(0, 1),
                "channels outer": torch.randn(B, D, H, generator=g).transpose(1, 2)}
     for q in queries.values():
-        torch.library.opcheck(torch.ops.internvl35.paged_decode_attention.default, (q, kc, vc, slots, mask),
-                              test_utils=("test_faketensor",))
+        op = getattr(torch.ops.internvl35, DECODE_OP.split("::")[1]).default
+        torch.library.opcheck(op, (q, kc, vc, slots, mask), test_utils=("test_faketensor",))

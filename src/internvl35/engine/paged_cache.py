@@ -177,6 +177,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
 
 
 _decode_op = None  # `decode_attention` as an operator that compiled steps call as is
+# Inductor's on-disk cache keys compiled graphs by operator name, not by the fake's code: the suffix
+# changes whenever the operator's output layout or shapes change, so graphs compiled against an older
+# contract are never replayed (v2: contiguous output; v1's output followed the query's strides).
+DECODE_OP = "internvl35::paged_decode_attention_v2"
 
 
 def register_decode_op() -> None:
@@ -186,5 +190,5 @@ def register_decode_op() -> None:
     the first compile (registration imports torch's custom-op machinery; not needed otherwise)."""
     global _decode_op
     if _decode_op is None:
-        _decode_op = torch.library.custom_op("internvl35::paged_decode_attention", mutates_args=())(decode_attention)
+        _decode_op = torch.library.custom_op(DECODE_OP, mutates_args=())(decode_attention)
         _decode_op.register_fake(lambda q, kc, vc, slots, mask: q.new_empty(q.shape))
