@@ -133,11 +133,11 @@ def run_transformers(hf, pad_id: int, stop_id: int, prompts: list, conc: int, to
         for j, p in enumerate(batch):
             ids[j, L - len(p.input_ids):] = torch.tensor(p.input_ids)
             mask[j, L - len(p.input_ids):] = 1
+        ids, mask = ids.to(hf.device), mask.to(hf.device)
         pv = [p.pixel_values.to(hf.device, hf.dtype) for p in batch if p.pixel_values is not None]
         streamer = _FirstToken()
         t = time.perf_counter()
         with torch.inference_mode():
-            ids, mask = ids.to(hf.device), mask.to(hf.device)
             out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pv) if pv else None,
                               max_new_tokens=tokens, min_new_tokens=tokens if ignore_eos else None,
                               do_sample=False, streamer=streamer, pad_token_id=pad_id, eos_token_id=stop_id)

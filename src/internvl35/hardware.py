@@ -16,24 +16,24 @@ def check_device(name: str | torch.device) -> torch.device:
     """The device `name` as torch sees it, or a ValueError that says what is wrong in one line
     (torch's own errors are an AssertionError for a build without CUDA and a 30-name list for a
     mistyped type, both deep inside the first tensor moved there)."""
+    shown = repr(str(name))
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {str(name)!r}: use cpu, cuda or cuda:N") from None
+        raise ValueError(f"unknown device {shown}: use cpu, cuda or cuda:N") from None
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(name)!r}: no CUDA GPU is visible to this PyTorch "
-                             f"({torch.__version__}); use cpu")
+            raise ValueError(f"device {shown}: no CUDA GPU is visible to this PyTorch ({torch.__version__}); use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            raise ValueError(f"device {shown}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                              f"numbered from 0")
         return dev
     try:  # other backends (mps, xpu, ...): usable if a tensor can live there
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {str(name)!r} is not usable here: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"device {shown} is not usable here: {str(e).splitlines()[0]}") from None
     return dev
 
 

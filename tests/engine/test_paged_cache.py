@@ -68,6 +68,6 @@ def test_decode_operator_returns_the_layout_its_fake_declares():
     queries = {"contiguous": torch.randn(B, H, D, generator=g),
                "heads outer": torch.randn(H, B, D, generator=g).transpose(0, 1),
                "channels outer": torch.randn(B, D, H, generator=g).transpose(1, 2)}
+    op = getattr(torch.ops.internvl35, DECODE_OP.split("::")[1]).default
     for q in queries.values():
-        op = getattr(torch.ops.internvl35, DECODE_OP.split("::")[1]).default
         torch.library.opcheck(op, (q, kc, vc, slots, mask), test_utils=("test_faketensor",))
