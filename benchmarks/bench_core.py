@@ -4,7 +4,8 @@ Prints prefill (one 448px tile + text) and decode tokens/s for both (ours eager 
 torch.compile decode step), side by side, the machine's fp32 matmul peak and memory bandwidth
 measured in the same run, the fraction of each bound reached (prefill: its matmul FLOPs over the
 peak measured around it; decode: the weights and the K/V cache a token reads over the bandwidth
-sampled right after each step), and the peak RSS of `internvl35.load` relative to the model's
+sampled right after each step; the compiled step reads bf16 copies of the bf16-valued weights, so
+its bound counts 2 bytes per weight, the others 4), and the peak RSS of `internvl35.load` relative to the model's
 size in memory.
 
     .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
@@ -61,14 +62,15 @@ def random_model(preset: str) -> tuple[InternVLModel, object]:
     return model, tok
 
 
-def decode_bytes(model: InternVLModel, context: float) -> float:
-    """Bytes one decode step must read: every LLM matrix except the embedding table, and the K/V
-    cache of `context` tokens (fp32, as the model computes)."""
+def decode_bytes(model: InternVLModel, context: float, weight_bytes: int = 4) -> float:
+    """Bytes one decode step must read: every LLM weight except the embedding table, at `weight_bytes`
+    per value (4: fp32; 2: the bf16 copies compiled single-sequence steps read), and the K/V cache of
+    `context` tokens (fp32, as the model computes)."""
     lm, t = model.language_model, model.cfg.text
     n = sum(p.numel() for n_, p in lm.named_parameters() if "embed_tokens" not in n_)
     if lm.tied:
         n += lm.model.embed_tokens.weight.numel()
-    return (n + 2 * t.num_layers * t.num_kv_heads * t.head_dim * context) * 4
+    return n * weight_bytes + 2 * t.num_layers * t.num_kv_heads * t.head_dim * context * 4
 
 
 class StepTimer:
@@ -108,13 +110,13 @@ class StepTimer:
         return statistics.median(nbytes / t / b for t, b in zip(self.times, self.bandwidths))
 
 
-def measure_load_rss(path: Path) -> dict:
-    """Peak RSS of `internvl35.load` in a fresh process. VmHWM belongs to the process's own address
+def measure_load_rss(path: Path, compile: bool = False) -> dict:
+    """Peak RSS of `internvl35.load` (with `compile`: and its bf16 copies) in a fresh process. VmHWM belongs to the process's own address
     space (getrusage's ru_maxrss would include the parent's peak, inherited across fork/exec)."""
     code = ("import re, internvl35\n"
             "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
             "base = hwm()\n"
-            f"m = internvl35.load(r'{path}')\n"
+            f"m = internvl35.load(r'{path}', compile={compile})\n"
             "size = sum(p.numel() * p.element_size() for p in m.model.parameters())\n"
             "print(base, hwm(), size)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -140,7 +142,9 @@ def main() -> None:
     write_checkpoint(ours_model, tok, tmp / "ckpt", "hf", torch.bfloat16)
     del ours_model
     rss = measure_load_rss(tmp / "ckpt")
-    ours = internvl35.load(tmp / "ckpt")
+    rss_compile = measure_load_rss(tmp / "ckpt", compile=True)
+    ours = internvl35.load(tmp / "ckpt", compile=True)  # compiled steps read bf16 copies (bf16 storage)
+    halves = ours.model.language_model.head_half is not None
     hf = InternVLForConditionalGeneration.from_pretrained(tmp / "ckpt", dtype=torch.float32).eval()
     from PIL import Image
     img = Image.new("RGB", (448, 448), (120, 30, 200))
@@ -160,7 +164,10 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=n + 1)
     feats, _ = ours.model.encode_images(pv)
 
-    nbytes = decode_bytes(ours.model, L + n / 2)  # the mean context over the decoded tokens
+    # what each system's step reads, at the mean context over the decoded tokens
+    nbytes = decode_bytes(ours.model, L + n / 2)
+    step_bytes = {"eager": nbytes, "compiled": decode_bytes(ours.model, L + n / 2, 2 if halves else 4),
+                  "transformers": nbytes}
     probe = torch.ones(512 * 2**20 // 4)  # a bandwidth sample after every decode step (~15 ms)
 
     def ours_decode(compile: bool) -> StepTimer:
@@ -195,8 +202,9 @@ def main() -> None:
         r["prefill_bound"] = (peak0 + matmul_peak_flops()) / 2 / flops * L
         timers = {"eager": ours_decode(False), "compiled": ours_decode(True), "transformers": hf_decode()}
         r |= {k: t.tokens_per_s for k, t in timers.items()}
-        r |= {f"{k}_frac": t.fraction(nbytes) for k, t in timers.items()}
-        r["bound"] = statistics.median(b for t in timers.values() for b in t.bandwidths) / nbytes
+        r |= {f"{k}_frac": t.fraction(step_bytes[k]) for k, t in timers.items()}
+        bandwidth = statistics.median(b for t in timers.values() for b in t.bandwidths)
+        r["bound"], r["bound_compiled"] = bandwidth / nbytes, bandwidth / step_bytes["compiled"]
         rounds.append(r)
         print({k: round(v, 2) for k, v in r.items()}, flush=True)
 
@@ -204,7 +212,7 @@ def main() -> None:
         return statistics.median(r[num] / (r[den] if den else 1.0) for r in rounds)
 
     names = ("eager", "compiled", "transformers")
-    d = {k: med(k) for k in names + ("bound", "prefill_bound")}
+    d = {k: med(k) for k in names + ("bound", "bound_compiled", "prefill_bound")}
     frac = {k: med(f"{k}_frac") for k in names}
     res = {
         "prompt_tokens": L, "matmul_peak_gflops": d["prefill_bound"] * flops / L / 1e9,
@@ -212,7 +220,8 @@ def main() -> None:
         "prefill_tok_s": {"internvl35": med("ours"), "transformers": med("hf"), "matmul_bound": med("prefill_bound")},
         "prefill_frac_of_peak": {"internvl35": med("ours", "prefill_bound"), "transformers": med("hf", "prefill_bound")},
         "decode_tok_s": {"internvl35": d["eager"], "internvl35_compiled": d["compiled"],
-                         "transformers": d["transformers"], "bandwidth_bound": d["bound"]},
+                         "transformers": d["transformers"], "bandwidth_bound": d["bound"],
+                         "bandwidth_bound_compiled": d["bound_compiled"]},
         "decode_frac_of_bound": {"internvl35": frac["eager"], "internvl35_compiled": frac["compiled"],
                                  "transformers": frac["transformers"]},
         "decode_compile_s": compile_s,
@@ -220,7 +229,10 @@ def main() -> None:
                     "decode_compiled": med("compiled", "transformers")},
         "load_rss_over_weights": rss["rss_peak"] / rss["weights"],
         "load_rss_minus_import_over_weights": (rss["rss_peak"] - rss["rss_base"]) / rss["weights"],
-        "weights_gb": rss["weights"] / 1e9, "decode_gb_per_token": nbytes / 1e9,
+        "load_compile_rss_over_weights": rss_compile["rss_peak"] / rss["weights"],  # + the bf16 copies
+        "weights_gb": rss["weights"] / 1e9,
+        "decode_gb_per_token": {"fp32": nbytes / 1e9, "compiled": step_bytes["compiled"] / 1e9},
+        "compiled_reads_bf16_copies": halves,
     }
     print(json.dumps(res, indent=2))
 

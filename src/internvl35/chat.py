@@ -23,7 +23,7 @@ from internvl35.errors import InputError
 from internvl35.generate import generate_stream
 from internvl35.hardware import check_device
 from internvl35.models.internvl import InternVLModel, flash_keep_mask
-from internvl35.models.qwen3 import fuse_projections_, pack_weights_
+from internvl35.models.qwen3 import bf16_copies_, fuse_projections_, pack_weights_
 from internvl35.sampling import SamplingParams
 from internvl35.weights.config_json import config_from_dict, read_config_json
 from internvl35.weights.loader import load_weights
@@ -240,7 +240,9 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
          pack_weights: bool = False) -> ChatModel:
     """Load a checkpoint directory of either format (auto-detected), or "mini", for inference;
     `part="vision"` / `"language"` loads one side only (decoupled serving); `compile` decodes with
-    torch.compile (a one-time compile per batch size and length bucket, then faster steps);
+    torch.compile (a one-time compile per batch size and length bucket, then faster steps; where the
+    LLM's weights hold only bf16 values, as loaded from bf16 storage, single-sequence steps read a bf16
+    copy of them: exact, half the bytes, and half the LLM's fp32 size in memory);
     `pack_weights` keeps a oneDNN-packed copy of the LLM weights for decode steps (fp32 CPU; the
     LLM's size in memory again: see `PackedWeight`)."""
     device = check_device(device)  # before reading anything: a bad name fails in one line
@@ -249,6 +251,8 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
     tokenizer = Tokenizer.from_dir(path)
     model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
     fuse_projections_(model)
+    if compile and model.language_model.model.embed_tokens.weight.dtype == torch.float32:
+        bf16_copies_(model)  # single-sequence steps read them (weights loaded from bf16 storage)
     if pack_weights and not pack_weights_(model):
         warnings.warn("pack_weights applies to fp32 models on CPU (with oneDNN); loaded without packing")
     return ChatModel(model, tokenizer, fmt, path, compile)

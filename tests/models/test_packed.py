@@ -75,3 +75,26 @@ def test_load_packs_fp32_cpu_models_and_says_when_it_cannot():
     with pytest.warns(UserWarning, match="fp32 models on CPU"):
         m = internvl35.load("mini", dtype=torch.bfloat16, pack_weights=True)
     assert m.model.language_model.model.layers[0].mlp.down_proj.packed is None
+
+
+def test_a_change_to_any_fused_member_invalidates_the_fused_copy():
+    """The fused buffer's view follows its first module's version counter: a change to v (or up)
+    alone must still retire the q|k|v (gate|up) copy."""
+    lm = _lm()
+    fuse_projections_(lm)
+    pack_weights_(lm)
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        lm.model.layers[0].self_attn.v_proj.weight.mul_(0.5)
+        lm.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    with pytest.raises(ValueError, match="packed weights"):
+        require_weights_as_prepared(lm)
+    got, calls = _packed_calls(lm, x)
+    assert calls.count((128, 64)) == 1 and calls.count((192, 64)) == 1  # the other layer's q|k|v, gate|up
+    lm_ref = _lm()
+    with torch.no_grad():
+        lm_ref.model.layers[0].self_attn.v_proj.weight.mul_(0.5)
+        lm_ref.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    with torch.inference_mode():
+        expected = _forward(lm_ref, x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)

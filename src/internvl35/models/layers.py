@@ -136,18 +136,13 @@ def _register_packed_op() -> None:
         _packed_op.register_fake(lambda x, w, bias: x.new_empty((*x.shape[:-1], w.shape[0])))
 
 
-class PackedWeight:
-    """A copy of a [N, K] fp32 CPU weight in oneDNN's blocked layout, for products of a few rows
-    (decode steps), where MKL on the plain layout pays nearly per row. Measured on 2 cores, 1B
-    shapes, one layer's products: 13.6 / 16.2 / 21.5 / 46.4 ms at 2 / 4 / 8 / 32 rows vs 21.6 /
-    25.4 / 29.2 / 62.7 ms (the thread split below), equal at 1 and 456 rows; at 640+ rows it is
-    6-8% slower, so prefills keep the plain weight. `get` returns None once the weight it was
-    packed from has been replaced or modified in place (version counter)."""
+class WeightCopy:
+    """A copy of a weight kept for inference in another form. `get` returns None once the weight it
+    was made from has been replaced or modified in place (version counter)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        _register_packed_op()
-        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: a row-count hint
-        self._source = self._key(weight)
+    tensor: torch.Tensor
+    _source: tuple
+    members: tuple[int, ...] = ()  # version counters of the fused modules it covers (FusedLinears)
 
     @staticmethod
     def _key(weight: torch.Tensor) -> tuple:
@@ -162,6 +157,40 @@ class PackedWeight:
         return self._key(weight) == self._source
 
 
+class PackedWeight(WeightCopy):
+    """A copy of a [N, K] fp32 CPU weight in oneDNN's blocked layout, for products of a few rows
+    (decode steps), where MKL on the plain layout pays nearly per row. Measured on 2 cores, 1B
+    shapes, one layer's products: 13.6 / 16.2 / 21.5 / 46.4 ms at 2 / 4 / 8 / 32 rows vs 21.6 /
+    25.4 / 29.2 / 62.7 ms (the thread split below), equal at 1 and 456 rows; at 640+ rows it is
+    6-8% slower, so prefills keep the plain weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        _register_packed_op()
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: a row-count hint
+        self._source = self._key(weight)
+
+
+class Bf16Weight(WeightCopy):
+    """A bfloat16 copy of an fp32 weight whose every value is a bfloat16 (true of all released
+    checkpoints, which store bf16), for single-row products in compiled decode steps: the compiled
+    loop reads half the bytes and widens each value exactly, so the product is the fp32 product.
+    Decode is bound by reading weights: 1B gate/up matvecs on 2 cores, 28 distinct weights, took
+    466-529 us vs 831-1088 us from the fp32 weight (1.6-2.2x). Costs half the weight's fp32 size."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.tensor = weight.detach().to(torch.bfloat16)
+        self._source = self._key(weight)
+
+
+def bf16_exact(weight: torch.Tensor) -> bool:
+    """Whether every value of an fp32 tensor is a bfloat16 (its low 16 bits are zero), in chunks so
+    that a vocabulary-sized head needs no full-size temporary."""
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        return False
+    bits = weight.detach().reshape(-1).view(torch.int32)
+    return not any(bool((chunk & 0xFFFF).any()) for chunk in bits.split(1 << 22))
+
+
 def packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
@@ -174,7 +203,7 @@ PACKED_MAX_ROWS = 128  # a packed weight serves products up to this many rows (s
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: PackedWeight | None = None) -> torch.Tensor:
+           packed: PackedWeight | None = None, half: Bf16Weight | None = None) -> torch.Tensor:
     """F.linear, with two CPU fp32 inference exceptions. Products of a few rows (decode steps): from 2
     rows through `packed` (a copy of `weight`) when given and still current, else, on a multi-threaded
     CPU, as a batched matmul over `threads` row blocks of the weight (a free view). MKL uses one core
@@ -182,8 +211,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     GB/s. One row keeps the split, which a compiled step turns into loops that stream the weight
     faster than the packed product (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step). Larger products
     (prefills, ViT passes) go through oneDNN where it measured clearly faster on this CPU
-    (`cpu_matmul`)."""
+    (`cpu_matmul`). In a compiled step, a single row reads `half` (a bf16 copy) when given."""
     rows = x.numel() // x.shape[-1]
+    if half is not None and rows == 1 and torch.compiler.is_compiling():
+        n = _threads() if weight.shape[0] % _threads() == 0 else 1
+        return _split_product(x, half.get(weight), bias, n)
     if packed is not None and 2 <= rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
         w = packed.get(weight)
         if w is not None:
@@ -194,10 +226,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (n == 1 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or weight.shape[0] % n
             or x.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
+    return _split_product(x, weight, bias, n)
+
+
+def _split_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """F.linear as a batched matmul over `n` row blocks of the weight (a free view), which may be a
+    bfloat16 copy: it is widened to x's dtype inside the product."""
+    rows = x.numel() // x.shape[-1]
     # Row form [n, rows, K] @ [n, K, N/n]: the strides MKL takes fast (a column-vector layout of the
     # same product measured 5x slower). Compiled (a decode step), inductor turns it into a reduction
-    # loop that streams the weight as fast.
-    w = weight.view(n, weight.shape[0] // n, weight.shape[1]).transpose(1, 2)
+    # loop that streams the weight as fast, widening a bf16 weight as it loads it.
+    w = weight.view(n, weight.shape[0] // n, weight.shape[1]).transpose(1, 2).to(x.dtype)
     out = torch.bmm(x.reshape(1, rows, -1).expand(n, -1, -1), w)  # [n, rows, N/n]
     out = out.transpose(0, 1).reshape(x.shape[:-1] + (weight.shape[0],))
     return out if bias is None else out + bias
@@ -232,6 +271,7 @@ class FusedLinears:
         self.offsets = [sum(self.sizes[:i]) for i in range(len(mods))]
         self.has_bias = mods[0].bias is not None
         self.packed: PackedWeight | None = None  # set by `pack` (inference on CPU)
+        self.half: Bf16Weight | None = None  # set by `keep_bf16` (compiled decoding on CPU)
         for name in self._names:
             buffer = torch.cat([getattr(m, name).detach() for m in mods])
             for m, row, n in zip(mods, self.offsets, self.sizes):
@@ -269,19 +309,42 @@ class FusedLinears:
         else:
             buffers = [None]
         if all(b is not None for b in buffers):
-            return list(linear(x, *buffers, packed=self.packed).split(self.sizes, -1))
+            packed, half = self._current(self.packed), self._current(self.half)
+            return list(linear(x, *buffers, packed=packed, half=half).split(self.sizes, -1))
         return [m(x) for m in self.mods]
 
-    def packed_weight(self) -> torch.Tensor | None:
-        """The packed copy, if there is one and it still matches the fused weight."""
+    def _versions(self) -> tuple[int, ...]:
+        # the buffer view follows the first module's version counter only: an in-place change to
+        # another module's rows (k of q|k|v, up of gate|up) shows in its own counter
+        return tuple(m.weight._version for m in self.mods)
+
+    def _current(self, copy: WeightCopy | None) -> WeightCopy | None:
+        """`copy` unless a module's weight changed in place since it was made (a compiled caller
+        checks `copies_current` eagerly first)."""
+        if copy is None or torch.compiler.is_compiling() or copy.members == self._versions():
+            return copy
+        return None
+
+    def copies_current(self) -> bool:
+        """Whether the packed and bf16 copies that exist still match the fused weight."""
         buffer = self._buffer("weight")
-        return None if self.packed is None or buffer is None else self.packed.get(buffer)
+        return all(c is None or (buffer is not None and self._current(c) is not None and c.get(buffer) is not None)
+                   for c in (self.packed, self.half))
 
     def pack(self) -> None:
         """Keep a `PackedWeight` of the fused weight (only while the parameters are fused)."""
         buffer = self._buffer("weight")
         if buffer is not None and packable(buffer):
             self.packed = PackedWeight(buffer)
+            self.packed.members = self._versions()
+
+    def keep_bf16(self) -> bool:
+        """Keep a `Bf16Weight` of the fused weight if its values allow; -> whether one was made."""
+        buffer = self._buffer("weight")
+        if buffer is not None and buffer.device.type == "cpu" and bf16_exact(buffer):
+            self.half = Bf16Weight(buffer)
+            self.half.members = self._versions()
+        return self.half is not None
 
 
 class Embedding(nn.Embedding):
@@ -294,17 +357,24 @@ class Embedding(nn.Embedding):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) routed through `linear()`, with an optional packed copy
-    of its weight for products of a few rows (`pack`)."""
+    """nn.Linear (same parameters and names) routed through `linear()`, with optional copies of its
+    weight: packed for products of a few rows (`pack`), bf16 for single rows in compiled steps
+    (`keep_bf16`)."""
 
     packed: PackedWeight | None = None
+    half: Bf16Weight | None = None
 
     def pack(self) -> None:
         if packable(self.weight):
             self.packed = PackedWeight(self.weight)
 
+    def keep_bf16(self) -> bool:
+        if self.weight.device.type == "cpu" and bf16_exact(self.weight):
+            self.half = Bf16Weight(self.weight)
+        return self.half is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.packed, self.half)
 
 
 class AttentionCache(Protocol):

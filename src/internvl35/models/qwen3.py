@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
-from internvl35.models.layers import (AttentionCache, Embedding, FusedLinears, Linear, PackedWeight, RMSNorm,
-                                      apply_rope, attention, linear, packable, rope_cos_sin)
+from internvl35.models.layers import (AttentionCache, Bf16Weight, Embedding, FusedLinears, Linear, PackedWeight,
+                                      RMSNorm, apply_rope, attention, bf16_exact, linear, packable, rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
 
@@ -126,15 +126,38 @@ def pack_weights_(model: nn.Module) -> bool:
     return packed
 
 
-def packed_weights_current(model: nn.Module) -> bool:
-    """Whether every packed copy still matches its weight (a compiled step uses them unchecked)."""
+def bf16_copies_(model: nn.Module) -> bool:
+    """Give every LLM product whose weight holds only bfloat16 values a `Bf16Weight` copy, read by
+    single-sequence compiled decode steps (CPU; half the LLM's fp32 size in memory). -> whether every
+    product got one (False for weights of other dtypes or values, e.g. fine-tuned in fp32)."""
+    every = True
     for m in model.modules():
-        if isinstance(m, Qwen3ForCausalLM) and m.head_packed is not None and not m.head_packed.current(m.head_weight):
+        if any(p.is_meta for p in m.parameters()):
+            continue
+        if isinstance(m, Qwen3Attention):
+            every &= all([f.keep_bf16() for f in ([m.qkv] if m.qkv is not None else [m.q_proj, m.k_proj, m.v_proj])
+                          + [m.o_proj]])
+        elif isinstance(m, Qwen3MLP):
+            every &= all([f.keep_bf16() for f in ([m.gate_up] if m.gate_up is not None else [m.gate_proj, m.up_proj])
+                          + [m.down_proj]])
+        elif isinstance(m, Qwen3ForCausalLM):
+            w = m.head_weight
+            if w.device.type == "cpu" and bf16_exact(w):
+                m.head_half = Bf16Weight(w)
+            every &= m.head_half is not None
+    return every
+
+
+def packed_weights_current(model: nn.Module) -> bool:
+    """Whether every packed or bf16 copy still matches its weight (a compiled step uses them unchecked)."""
+    for m in model.modules():
+        if isinstance(m, Qwen3ForCausalLM) and any(c is not None and not c.current(m.head_weight)
+                                                   for c in (m.head_packed, m.head_half)):
             return False
-        if isinstance(m, Linear) and m.packed is not None and not m.packed.current(m.weight):
+        if isinstance(m, Linear) and any(c is not None and not c.current(m.weight) for c in (m.packed, m.half)):
             return False
         for f in (getattr(m, "qkv", None), getattr(m, "gate_up", None)):
-            if isinstance(f, FusedLinears) and f.packed is not None and f.packed_weight() is None:
+            if isinstance(f, FusedLinears) and not f.copies_current():
                 return False
     return True
 
@@ -158,6 +181,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.model = Qwen3Model(cfg)
         self.tied = cfg.tie_embeddings if tie_embeddings is None else tie_embeddings
         self.head_packed: PackedWeight | None = None  # set by `pack_weights_`
+        self.head_half: Bf16Weight | None = None  # set by `bf16_copies_`
         if not self.tied:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -166,12 +190,12 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.head_weight, packed=self.head_packed)
+        return linear(hidden, self.head_weight, packed=self.head_packed, half=self.head_half)
 
 
 def require_weights_as_prepared(model: nn.Module) -> None:
     """Raise unless the fused projections and packed copies set up for inference still match the
     parameters: a compiled step reads them unchecked, so its callers check this first."""
     if not (fused_projections_intact(model) and packed_weights_current(model)):
-        raise ValueError("compiled decoding needs the fused projections (and packed weights) as prepared "
-                         "at loading")
+        raise ValueError("compiled decoding needs the fused projections (and packed weights or bf16 copies) as "
+                         "prepared at loading")
