@@ -111,8 +111,9 @@ class StepTimer:
 
 
 def measure_load_rss(path: Path, compile: bool = False) -> dict:
-    """Peak RSS of `internvl35.load` (with `compile`: and its bf16 copies) in a fresh process. VmHWM belongs to the process's own address
-    space (getrusage's ru_maxrss would include the parent's peak, inherited across fork/exec)."""
+    """Peak RSS of `internvl35.load` (with `compile`: and its bf16 copies) in a fresh process. VmHWM
+    belongs to the process's own address space (getrusage's ru_maxrss would include the parent's
+    peak, inherited across fork/exec)."""
     code = ("import re, internvl35\n"
             "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
             "base = hwm()\n"

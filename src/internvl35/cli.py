@@ -67,7 +67,9 @@ def chat(
     flash: Optional[bool] = typer.Option(None, "--flash/--no-flash", help="Flash router on/off (Flash models)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (compiles once, "
-                                 "then decodes faster; pays off for long answers and interactive sessions)."),
+                                 "then decodes faster; pays off for long answers and interactive sessions). "
+                                 "On CPU it keeps a bf16 copy of bf16-valued LLM weights, half their size, "
+                                 "that single-sequence steps read."),
     pack_weights: bool = typer.Option(False, "--pack-weights", help=PACK_HELP),
 ) -> None:
     """Chat about images or a video with an InternVL3.5 checkpoint."""

@@ -45,23 +45,35 @@ def test_packed_products_equal_plain_for_decode_rows_only(fuse):
             assert calls == []
 
 
-def test_changed_weights_invalidate_their_packed_copies():
+def _change_down_and_q(lm) -> None:
+    lm.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # in place: the version counter moves
+    lm.model.layers[0].self_attn.q_proj.weight.mul_(0.5)  # the first row block of the fused q|k|v buffer
+
+
+def _change_v_and_up(lm) -> None:
+    # the fused buffer's view follows its first module's version counter: a change to v (or up)
+    # alone must still retire the q|k|v (gate|up) copy
+    lm.model.layers[0].self_attn.v_proj.weight.mul_(0.5)
+    lm.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+
+
+@pytest.mark.parametrize("change, still_packed", [(_change_down_and_q, {(64, 96): 1, (128, 64): 1}),
+                                                  (_change_v_and_up, {(128, 64): 1, (192, 64): 1})])
+def test_changed_weights_invalidate_their_packed_copies(change, still_packed):
     lm = _lm()
     fuse_projections_(lm)
     pack_weights_(lm)
     require_weights_as_prepared(lm)  # raises if anything is off
     x = torch.randn(1, 3, 64)
     with torch.no_grad():
-        lm.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # in place: the version counter moves
-        lm.model.layers[0].self_attn.q_proj.weight.mul_(0.5)  # a row block of the fused q|k|v buffer
+        change(lm)
     with pytest.raises(ValueError, match="packed weights"):  # a compiled step would read stale copies
         require_weights_as_prepared(lm)
     got, calls = _packed_calls(lm, x)
-    assert calls.count((64, 96)) == 1 and calls.count((128, 64)) == 1  # only the other layer's copies
+    assert {shape: calls.count(shape) for shape in still_packed} == still_packed  # only the other layer's
     lm_ref = _lm()  # the same weights, never fused or packed, with the same changes
     with torch.no_grad():
-        lm_ref.model.layers[1].mlp.down_proj.weight.mul_(2.0)
-        lm_ref.model.layers[0].self_attn.q_proj.weight.mul_(0.5)
+        change(lm_ref)
     with torch.inference_mode():
         expected = _forward(lm_ref, x)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -75,26 +87,3 @@ def test_load_packs_fp32_cpu_models_and_says_when_it_cannot():
     with pytest.warns(UserWarning, match="fp32 models on CPU"):
         m = internvl35.load("mini", dtype=torch.bfloat16, pack_weights=True)
     assert m.model.language_model.model.layers[0].mlp.down_proj.packed is None
-
-
-def test_a_change_to_any_fused_member_invalidates_the_fused_copy():
-    """The fused buffer's view follows its first module's version counter: a change to v (or up)
-    alone must still retire the q|k|v (gate|up) copy."""
-    lm = _lm()
-    fuse_projections_(lm)
-    pack_weights_(lm)
-    x = torch.randn(1, 3, 64)
-    with torch.no_grad():
-        lm.model.layers[0].self_attn.v_proj.weight.mul_(0.5)
-        lm.model.layers[1].mlp.up_proj.weight.mul_(2.0)
-    with pytest.raises(ValueError, match="packed weights"):
-        require_weights_as_prepared(lm)
-    got, calls = _packed_calls(lm, x)
-    assert calls.count((128, 64)) == 1 and calls.count((192, 64)) == 1  # the other layer's q|k|v, gate|up
-    lm_ref = _lm()
-    with torch.no_grad():
-        lm_ref.model.layers[0].self_attn.v_proj.weight.mul_(0.5)
-        lm_ref.model.layers[1].mlp.up_proj.weight.mul_(2.0)
-    with torch.inference_mode():
-        expected = _forward(lm_ref, x)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
