@@ -5,8 +5,8 @@ torch.compile decode step), side by side, the machine's fp32 matmul peak and mem
 measured in the same run, the fraction of each bound reached (prefill: its matmul FLOPs over the
 peak measured around it; decode: the weights and the K/V cache a token reads over the bandwidth
 sampled right after each step; the compiled step reads bf16 copies of the bf16-valued weights, so
-its bound counts 2 bytes per weight, the others 4), and the peak RSS of `internvl35.load` relative to the model's
-size in memory.
+its bound counts 2 bytes per weight, the others 4), and the peak RSS of `internvl35.load` relative
+to the model's size in memory.
 
     .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
 """
