@@ -12,6 +12,8 @@ import typer
 from internvl35.errors import InternVLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="InternVL3.5 in plain PyTorch.")
+BF16_HELP = (" On CPU it keeps a bf16 copy of bf16-valued LLM weights, half their size, that single-sequence "
+             "steps read.")
 PACK_HELP = ("Keep a oneDNN-packed copy of the LLM weights for decode steps (CPU, fp32): faster batched "
              "decoding of 1B-sized and larger models, at the LLM's size in memory again.")
 DEVICE_HELP = "cpu | cuda | cuda:N (bf16 weights on a GPU, fp32 on the CPU)."
@@ -67,9 +69,8 @@ def chat(
     flash: Optional[bool] = typer.Option(None, "--flash/--no-flash", help="Flash router on/off (Flash models)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (compiles once, "
-                                 "then decodes faster; pays off for long answers and interactive sessions). "
-                                 "On CPU it keeps a bf16 copy of bf16-valued LLM weights, half their size, "
-                                 "that single-sequence steps read."),
+                                 "then decodes faster; pays off for long answers and interactive sessions)."
+                                 + BF16_HELP),
     pack_weights: bool = typer.Option(False, "--pack-weights", help=PACK_HELP),
 ) -> None:
     """Chat about images or a video with an InternVL3.5 checkpoint."""
@@ -125,7 +126,7 @@ def serve(
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
                                                     help="Model id clients use (default: the folder name)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode steps (compiled at start-up; "
-                                 "faster steps for small batches)."),
+                                 "faster steps for small batches)." + BF16_HELP),
     pack_weights: bool = typer.Option(False, "--pack-weights", help=PACK_HELP),
     preprocess: str = typer.Option("vision", "--preprocess", help="With --vision: where images are decoded and "
                                    "tiled, 'vision' (the server gets the file) or 'language' (here; float32 "
