@@ -251,8 +251,8 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
     tokenizer = Tokenizer.from_dir(path)
     model = load_weights(path, cfg, fmt, dtype or default_dtype(device), device, part)
     fuse_projections_(model)
-    if compile and model.language_model.model.embed_tokens.weight.dtype == torch.float32:
-        bf16_copies_(model)  # single-sequence steps read them (weights loaded from bf16 storage)
+    if compile:
+        bf16_copies_(model)  # single-sequence steps read them (fp32 CPU weights loaded from bf16 storage)
     if pack_weights and not pack_weights_(model):
         warnings.warn("pack_weights applies to fp32 models on CPU (with oneDNN); loaded without packing")
     return ChatModel(model, tokenizer, fmt, path, compile)

@@ -181,6 +181,11 @@ class Bf16Weight(WeightCopy):
         self.tensor = weight.detach().to(torch.bfloat16)
         self._source = self._key(weight)
 
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Bf16Weight | None:
+        """A copy of `weight` if it is a CPU fp32 weight holding only bf16 values, else None."""
+        return cls(weight) if weight.device.type == "cpu" and bf16_exact(weight) else None
+
 
 def bf16_exact(weight: torch.Tensor) -> bool:
     """Whether every value of an fp32 tensor is a bfloat16 (its low 16 bits are zero), in chunks so
@@ -341,8 +346,8 @@ class FusedLinears:
     def keep_bf16(self) -> bool:
         """Keep a `Bf16Weight` of the fused weight if its values allow; -> whether one was made."""
         buffer = self._buffer("weight")
-        if buffer is not None and buffer.device.type == "cpu" and bf16_exact(buffer):
-            self.half = Bf16Weight(buffer)
+        self.half = Bf16Weight.of(buffer) if buffer is not None else None
+        if self.half is not None:
             self.half.members = self._versions()
         return self.half is not None
 
@@ -369,9 +374,12 @@ class Linear(nn.Linear):
             self.packed = PackedWeight(self.weight)
 
     def keep_bf16(self) -> bool:
-        if self.weight.device.type == "cpu" and bf16_exact(self.weight):
-            self.half = Bf16Weight(self.weight)
+        self.half = Bf16Weight.of(self.weight)
         return self.half is not None
+
+    def copies_current(self) -> bool:
+        """Whether the packed and bf16 copies that exist still match the weight."""
+        return all(c is None or c.current(self.weight) for c in (self.packed, self.half))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed, self.half)

@@ -7,13 +7,15 @@ tokens or through an `AttentionCache` (static cache for `generate`, paged cache 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from internvl35.config import TextConfig
 from internvl35.models.layers import (AttentionCache, Bf16Weight, Embedding, FusedLinears, Linear, PackedWeight,
-                                      RMSNorm, apply_rope, attention, bf16_exact, linear, packable, rope_cos_sin)
+                                      RMSNorm, apply_rope, attention, linear, packable, rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
 
@@ -105,22 +107,32 @@ def fuse_projections_(model: nn.Module) -> None:
             m.gate_up = FusedLinears([m.gate_proj, m.up_proj])
 
 
+def _block_products(model: nn.Module) -> Iterator[FusedLinears | Linear]:
+    """Every product of the loaded Qwen3 blocks in `model`: fused q|k|v and gate|up where fused, else
+    their parts, and o and down."""
+    for m in model.modules():
+        if any(p.is_meta for p in m.parameters()):
+            continue  # not loaded (a decoupled server holds only one side)
+        if isinstance(m, Qwen3Attention):
+            yield from ([m.qkv] if m.qkv is not None else [m.q_proj, m.k_proj, m.v_proj]) + [m.o_proj]
+        elif isinstance(m, Qwen3MLP):
+            yield from ([m.gate_up] if m.gate_up is not None else [m.gate_proj, m.up_proj]) + [m.down_proj]
+
+
+def _causal_lms(model: nn.Module) -> Iterator[Qwen3ForCausalLM]:
+    return (m for m in model.modules() if isinstance(m, Qwen3ForCausalLM)
+            and not any(p.is_meta for p in m.parameters()))
+
+
 def pack_weights_(model: nn.Module) -> bool:
     """Give every LLM product a `PackedWeight` copy for decode steps (fp32 CPU models; the copy
     costs the LLM's weight size in memory again). Products already fused pack their fused weight.
     -> whether anything was packed (not for other devices and dtypes)."""
+    for f in _block_products(model):
+        f.pack()
     packed = False
-    for m in model.modules():
-        if any(p.is_meta for p in m.parameters()):
-            continue
-        if isinstance(m, Qwen3Attention):
-            fused = [m.qkv] if m.qkv is not None else [m.q_proj, m.k_proj, m.v_proj]
-            for f in fused + [m.o_proj]:
-                f.pack()
-        elif isinstance(m, Qwen3MLP):
-            for f in ([m.gate_up] if m.gate_up is not None else [m.gate_proj, m.up_proj]) + [m.down_proj]:
-                f.pack()
-        elif isinstance(m, Qwen3ForCausalLM) and packable(m.head_weight):
+    for m in _causal_lms(model):
+        if packable(m.head_weight):
             m.head_packed = PackedWeight(m.head_weight)
             packed = True  # the head's weight decides for all: every product shares its device and dtype
     return packed
@@ -130,36 +142,17 @@ def bf16_copies_(model: nn.Module) -> bool:
     """Give every LLM product whose weight holds only bfloat16 values a `Bf16Weight` copy, read by
     single-sequence compiled decode steps (CPU; half the LLM's fp32 size in memory). -> whether every
     product got one (False for weights of other dtypes or values, e.g. fine-tuned in fp32)."""
-    every = True
-    for m in model.modules():
-        if any(p.is_meta for p in m.parameters()):
-            continue
-        if isinstance(m, Qwen3Attention):
-            every &= all([f.keep_bf16() for f in ([m.qkv] if m.qkv is not None else [m.q_proj, m.k_proj, m.v_proj])
-                          + [m.o_proj]])
-        elif isinstance(m, Qwen3MLP):
-            every &= all([f.keep_bf16() for f in ([m.gate_up] if m.gate_up is not None else [m.gate_proj, m.up_proj])
-                          + [m.down_proj]])
-        elif isinstance(m, Qwen3ForCausalLM):
-            w = m.head_weight
-            if w.device.type == "cpu" and bf16_exact(w):
-                m.head_half = Bf16Weight(w)
-            every &= m.head_half is not None
+    every = all([f.keep_bf16() for f in _block_products(model)])  # a list: every product, not up to a miss
+    for m in _causal_lms(model):
+        m.head_half = Bf16Weight.of(m.head_weight)
+        every &= m.head_half is not None
     return every
 
 
 def packed_weights_current(model: nn.Module) -> bool:
     """Whether every packed or bf16 copy still matches its weight (a compiled step uses them unchecked)."""
-    for m in model.modules():
-        if isinstance(m, Qwen3ForCausalLM) and any(c is not None and not c.current(m.head_weight)
-                                                   for c in (m.head_packed, m.head_half)):
-            return False
-        if isinstance(m, Linear) and any(c is not None and not c.current(m.weight) for c in (m.packed, m.half)):
-            return False
-        for f in (getattr(m, "qkv", None), getattr(m, "gate_up", None)):
-            if isinstance(f, FusedLinears) and not f.copies_current():
-                return False
-    return True
+    return all(f.copies_current() for f in _block_products(model)) and all(
+        c is None or c.current(m.head_weight) for m in _causal_lms(model) for c in (m.head_packed, m.head_half))
 
 
 def fused_projections_intact(model: nn.Module) -> bool:
