@@ -10,9 +10,10 @@ measured side by side in one run with real servers and a real HTTP client:
 Per-stage times (preprocessing, vision, LLM, transfer) are measured in-process on one thread, the
 requests in groups of `--concurrency` as the servers see them, right before each mode runs, and
 give the ideal pipeline bound 1 / max(stage time per core) that the mode is compared with. In DvD,
-images are decoded and tiled (`preprocess`) on the vision server (the language server only reads each
-image's header, `probe`, and sends the file) or, with `--preprocess language`, on the language
-server (float32 tiles travel); the bounds of both placements are reported.
+images are decoded and tiled on the vision server (`tile`; the language server decodes the data URL,
+reads each image's header and tokenizes, `probe`, and sends the file) or, with `--preprocess
+language`, on the language server (all of it, `preprocess`; float32 tiles travel); the bounds of both
+placements are reported.
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
 38B's (0.75); `--models` picks.
 
@@ -200,6 +201,7 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
 
 def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> dict:
     """Seconds per request of each stage on one thread (+ transfer), with and without the router."""
+    from internvl35.data.image import load_image
     from internvl35.serve.media import MediaLimits, fetch_encoded, fetch_image
 
     torch.set_num_threads(1)
@@ -209,11 +211,15 @@ def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> 
     for f in files:
         cm.build_prompt("Describe the image.", [f], max_tiles=max_tiles, decode_images=False)
     probe = (time.perf_counter() - t) / len(urls)
+    t = time.perf_counter()  # what a vision server does with a file: decode and tile
+    for f in files:
+        cm.image_tiles([load_image(f.data)], max_tiles)
+    tile = (time.perf_counter() - t) / len(urls)
     t = time.perf_counter()
     prompts = [cm.build_prompt("Describe the image.", [fetch_image(u, MediaLimits())], max_tiles=max_tiles)
                for u in urls]
     pre = (time.perf_counter() - t) / len(urls)
-    out = {"probe": probe, "preprocess": pre}
+    out = {"probe": probe, "tile": tile, "preprocess": pre}
     router = (FLASH["flash_relative_threshold"], FLASH["flash_absolute_threshold"])
     for name, flash in (("", None), ("_router", router)):
         engine = LLMEngine(cm)
@@ -275,8 +281,8 @@ def transfer_time(payloads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
 def placement_costs(st: dict, side: str) -> tuple[float, float, float]:
     """Seconds per request of (transfer, preprocessing on the vision core, on the language core) with
     images decoded and tiled on `side`."""
-    if side == "vision":  # the file travels; the language side only reads its header
-        return st["transfer"], st["preprocess"], st["probe"]
+    if side == "vision":  # the file travels; the language side decodes the URL, reads the header, tokenizes
+        return st["transfer"], st["tile"], st["probe"]
     return st["transfer_tiles"], 0.0, st["preprocess"]  # float32 tiles travel
 
 
@@ -294,7 +300,8 @@ def round_summary(sts: dict[str, dict], res: dict, side: str) -> dict:
     (this machine's speed drifts by up to 2x within minutes, so each mode is compared with the bound
     measured next to it)."""
     st = {k: statistics.median_high(s[k] for s in sts.values()) for k in next(iter(sts.values()))}
-    v, llm, pre, probe = st["vision"], st["llm"], st["preprocess"], st["probe"]
+    v, llm = st["vision"], st["llm"]
+    _, vis_pre, lang_pre = placement_costs(st, side)
     ideal = {mode: ideal_req_s(sts[mode], side)[mode] for mode in ("coupled_1core", "dvd", "dvd_router")}
     transfer = {mode: placement_costs(sts[mode], side)[0] for mode in ("dvd", "dvd_router")}
     a = {"coupled_1core": res["coupled_1core"]["req_s"], "dvd": res["dvd"]["req_s"],
@@ -303,7 +310,9 @@ def round_summary(sts: dict[str, dict], res: dict, side: str) -> dict:
         "stage_s_per_request (median)": {k: round(val, 5) for k, val in st.items()},
         "vision_s_per_request_by_mode": {k: round(val["vision"], 5) for k, val in sts.items()},
         "vision_over_llm": round(v / llm, 3),
-        "vision_core_over_language_core": round((pre + v) / (probe + llm), 3),  # per request: ViT+projector vs LLM prefill+decode
+        # per request in DvD: the vision core's work (ViT, projector, decoding and tiling if placed there) vs the
+        # language core's (LLM prefill and decode, the rest of the preprocessing)
+        "vision_core_over_language_core": round((vis_pre + v) / (lang_pre + llm), 3),
         "preprocess_side": side,
         "ideal_req_s": {k: round(val, 3) for k, val in ideal.items()},
         "ideal_req_s_by_preprocess_side": {side: {k: round(ideal_req_s(sts[k], side)[k], 3) for k in ("dvd", "dvd_router")}

@@ -82,3 +82,23 @@ def test_compiled_decode_matches_eager(tiny_ckpt, image):
     assert compiled.batch_chat(q, [[image], []], max_new_tokens=8) == eager.batch_chat(q, [[image], []],
                                                                                        max_new_tokens=8)
     assert counters["stats"]["unique_graphs"] > graphs  # the steps did go through torch.compile
+
+
+def test_interleaved_compiled_generations_keep_their_graphs(tiny_ckpt):
+    """A generation's later compiled steps skip dynamo's full guard checks (the first step made
+    them). Steps of other generations in between, of another model (other shapes) and another batch
+    size, must not lead it to a graph that is not its own: every stream equals its eager tokens."""
+    tiny, mini = internvl35.load(tiny_ckpt, compile=True), internvl35.load("mini", compile=True)
+    jobs = []
+    for cm, qs in ((tiny, ["Describe the image."]), (tiny, ["Hi", "What color is the circle?"]),
+                   (mini, ["How many shapes are there?"])):
+        prompts = [cm.build_prompt(q).input_ids for q in qs]
+        jobs.append((cm, prompts))
+    params = SamplingParams(max_new_tokens=8)
+    eager = [list(generate_stream(cm.model, p, params, set())) for cm, p in jobs]
+    streams = [generate_stream(cm.model, p, params, set(), compile=True) for cm, p in jobs]
+    got = [[] for _ in jobs]
+    for _ in range(params.max_new_tokens):
+        for out, s in zip(got, streams):  # one step of each generation in turn
+            out.append(next(s))
+    assert got == eager

@@ -119,6 +119,7 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
     cache.begin(valid)
     logits = model(ids, image_features=image_features, positions=positions, cache=cache, last_only=True)
     cache.end()
+    stepped = False
     for _ in range(params.max_new_tokens):
         nxt = sample_next(logits[:, -1], params, gen, seen if params.repetition_penalty != 1.0 else None)
         yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist())]
@@ -128,5 +129,14 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
         seen = torch.cat([seen, nxt[:, None]], dim=1)
         positions = positions[:, -1:] + 1
         cache.begin(torch.ones(B, 1, dtype=torch.bool, device=device))
-        logits = step_fn(model, nxt[:, None], positions, cache)
+        if compile and stepped:
+            # The first compiled step of this generation passed dynamo's guards (about 5000 checks for
+            # 1B, 1.2 ms per step); every later one runs the same graph on the same model, cache and
+            # shapes (only tensor values change), so only the checks that tell cached graphs apart run
+            # (1B on 2 cores: 1.0-1.3 ms less per step, of 27-30).
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                logits = step_fn(model, nxt[:, None], positions, cache)
+        else:
+            logits = step_fn(model, nxt[:, None], positions, cache)
+        stepped = True
         cache.end()

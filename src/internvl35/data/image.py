@@ -111,21 +111,35 @@ def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 12, 
     return tiles
 
 
+def _normalisation_table() -> np.ndarray:
+    """[3, 256] float32: ((v / 255 - mean) / std) for every byte value v of each channel, by the same
+    three float32 operations the reference applies to each pixel, so looking values up gives
+    identical tiles."""
+    v = torch.arange(256, dtype=torch.float32)[None]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1), torch.tensor(IMAGENET_STD).view(3, 1)
+    return v.div(255.0).sub(mean).div(std).numpy()
+
+
+_TABLE = _normalisation_table()
+
+
 def tiles_to_tensor(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
-    """PIL tiles -> normalised float32 [N, 3, S, S]."""
+    """PIL tiles -> normalised float32 [N, 3, S, S] (contiguous NCHW: a channels-last tensor takes
+    another conv kernel, so the same tiles would give slightly different features after a trip
+    through a wire format or a copy)."""
     arrays = []
     for t in tiles:
         if t.size != (image_size, image_size):
             t = t.resize((image_size, image_size), Image.BICUBIC)
         arrays.append(np.asarray(t.convert("RGB")))
-    # bytes stacked, one conversion, then the same three operations as ((x / 255 - mean) / std),
-    # in place (identical values; a third of the time of converting tile by tile)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    # contiguous NCHW: a channels-last tensor takes another conv kernel, so the same tiles would
-    # give slightly different features after a trip through a wire format or a copy
-    return x.div_(255.0).sub_(mean).div_(std).contiguous()
+    x = np.stack(arrays)  # [N, S, S, 3] bytes
+    out = np.empty((x.shape[0], 3, *x.shape[1:3]), np.float32)
+    # one table lookup per value, written straight into its channel plane: a third of the time of
+    # converting and normalising the bytes in four passes (7 mini tiles: 0.33-0.36 vs 0.72-0.88 ms;
+    # 13 tiles of 448 px: 12 vs 35 ms), with the same values
+    for c in range(3):
+        np.take(_TABLE[c], x[..., c], out=out[:, c])
+    return torch.from_numpy(out)
 
 
 def preprocess_image(src: ImageLike, image_size: int, max_num: int = 12, use_thumbnail: bool = True,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internvl35.models.layers import Linear
+from internvl35.models.layers import Linear, linear
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -69,7 +69,8 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _keys_values(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
     bias = attn.in_proj_bias[C:] if attn.in_proj_bias is not None else None
-    k, v = F.linear(x, attn.in_proj_weight[C:], bias).chunk(2, dim=-1)
+    # every token of every tile: a product large enough for oneDNN where `linear` takes it
+    k, v = linear(x, attn.in_proj_weight[C:], bias).chunk(2, dim=-1)
     return _heads(k, attn.num_heads), _heads(v, attn.num_heads)
 
 
