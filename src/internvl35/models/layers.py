@@ -140,9 +140,10 @@ class WeightCopy:
     """A copy of a weight kept for inference in another form. `get` returns None once the weight it
     was made from has been replaced or modified in place (version counter)."""
 
-    tensor: torch.Tensor
-    _source: tuple
     members: tuple[int, ...] = ()  # version counters of the fused modules it covers (FusedLinears)
+
+    def __init__(self, tensor: torch.Tensor, weight: torch.Tensor) -> None:
+        self.tensor, self._source = tensor, self._key(weight)
 
     @staticmethod
     def _key(weight: torch.Tensor) -> tuple:
@@ -166,8 +167,7 @@ class PackedWeight(WeightCopy):
 
     def __init__(self, weight: torch.Tensor) -> None:
         _register_packed_op()
-        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: a row-count hint
-        self._source = self._key(weight)
+        super().__init__(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8), weight)  # 8: a row-count hint
 
 
 class Bf16Weight(WeightCopy):
@@ -178,8 +178,7 @@ class Bf16Weight(WeightCopy):
     466-529 us vs 831-1088 us from the fp32 weight (1.6-2.2x). Costs half the weight's fp32 size."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.tensor = weight.detach().to(torch.bfloat16)
-        self._source = self._key(weight)
+        super().__init__(weight.detach().to(torch.bfloat16), weight)
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Bf16Weight | None:
