@@ -169,6 +169,11 @@ class PackedWeight(WeightCopy):
         _register_packed_op()
         super().__init__(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8), weight)  # 8: a row-count hint
 
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> PackedWeight | None:
+        """A copy of `weight` if it is an fp32 CPU weight and oneDNN is there, else None."""
+        return cls(weight) if packable(weight) else None
+
 
 class Bf16Weight(WeightCopy):
     """A bfloat16 copy of an fp32 weight whose every value is a bfloat16 (true of all released
@@ -338,17 +343,19 @@ class FusedLinears:
     def pack(self) -> None:
         """Keep a `PackedWeight` of the fused weight (only while the parameters are fused)."""
         buffer = self._buffer("weight")
-        if buffer is not None and packable(buffer):
-            self.packed = PackedWeight(buffer)
-            self.packed.members = self._versions()
+        self.packed = self._stamped(PackedWeight.of(buffer) if buffer is not None else None)
 
     def keep_bf16(self) -> bool:
         """Keep a `Bf16Weight` of the fused weight if its values allow; -> whether one was made."""
         buffer = self._buffer("weight")
-        self.half = Bf16Weight.of(buffer) if buffer is not None else None
-        if self.half is not None:
-            self.half.members = self._versions()
+        self.half = self._stamped(Bf16Weight.of(buffer) if buffer is not None else None)
         return self.half is not None
+
+    def _stamped(self, copy: WeightCopy | None) -> WeightCopy | None:
+        """`copy` with the version counters of the modules it covers (see `_current`)."""
+        if copy is not None:
+            copy.members = self._versions()
+        return copy
 
 
 class Embedding(nn.Embedding):
@@ -369,8 +376,7 @@ class Linear(nn.Linear):
     half: Bf16Weight | None = None
 
     def pack(self) -> None:
-        if packable(self.weight):
-            self.packed = PackedWeight(self.weight)
+        self.packed = PackedWeight.of(self.weight)
 
     def keep_bf16(self) -> bool:
         self.half = Bf16Weight.of(self.weight)

@@ -15,7 +15,7 @@ from torch import nn
 
 from internvl35.config import TextConfig
 from internvl35.models.layers import (AttentionCache, Bf16Weight, Embedding, FusedLinears, Linear, PackedWeight,
-                                      RMSNorm, apply_rope, attention, linear, packable, rope_cos_sin)
+                                      RMSNorm, apply_rope, attention, linear, rope_cos_sin)
 from internvl35.models.moe import Qwen3MoE
 
 
@@ -132,9 +132,8 @@ def pack_weights_(model: nn.Module) -> bool:
         f.pack()
     packed = False
     for m in _causal_lms(model):
-        if packable(m.head_weight):
-            m.head_packed = PackedWeight(m.head_weight)
-            packed = True  # the head's weight decides for all: every product shares its device and dtype
+        m.head_packed = PackedWeight.of(m.head_weight)
+        packed |= m.head_packed is not None  # the head decides for all: every product shares its device and dtype
     return packed
 
 
