@@ -169,11 +169,12 @@ def main() -> None:
     nbytes = decode_bytes(ours.model, L + n / 2)
     step_bytes = {"eager": nbytes, "compiled": decode_bytes(ours.model, L + n / 2, 2 if halves else 4),
                   "transformers": nbytes}
+    step_bytes["native"] = step_bytes["compiled"]  # the same bf16 copies, read by the C step
     probe = torch.ones(512 * 2**20 // 4)  # a bandwidth sample after every decode step (~15 ms)
 
-    def ours_decode(compile: bool) -> StepTimer:
+    def ours_decode(compile: bool, native: bool = False) -> StepTimer:
         timer = StepTimer(probe)
-        it = generate_stream(ours.model, [prompt.input_ids], params, set(), feats, compile=compile)
+        it = generate_stream(ours.model, [prompt.input_ids], params, set(), feats, compile=compile, native=native)
         next(it)  # the prefill
         for _ in range(n):
             timer.start()
@@ -201,7 +202,8 @@ def main() -> None:
         peak0 = matmul_peak_flops()
         r = {s: prefill(s) for s in (("ours", "hf") if i % 2 == 0 else ("hf", "ours"))}
         r["prefill_bound"] = (peak0 + matmul_peak_flops()) / 2 / flops * L
-        timers = {"eager": ours_decode(False), "compiled": ours_decode(True), "transformers": hf_decode()}
+        timers = {"eager": ours_decode(False), "compiled": ours_decode(True), "native": ours_decode(True, True),
+                  "transformers": hf_decode()}
         r |= {k: t.tokens_per_s for k, t in timers.items()}
         r |= {f"{k}_frac": t.fraction(step_bytes[k]) for k, t in timers.items()}
         bandwidth = statistics.median(b for t in timers.values() for b in t.bandwidths)
@@ -212,7 +214,7 @@ def main() -> None:
     def med(num: str, den: str | None = None) -> float:
         return statistics.median(r[num] / (r[den] if den else 1.0) for r in rounds)
 
-    names = ("eager", "compiled", "transformers")
+    names = ("eager", "compiled", "native", "transformers")
     d = {k: med(k) for k in names + ("bound", "bound_compiled", "prefill_bound")}
     frac = {k: med(f"{k}_frac") for k in names}
     res = {
@@ -220,14 +222,16 @@ def main() -> None:
         "bandwidth_gbs": d["bound"] * nbytes / 1e9,
         "prefill_tok_s": {"internvl35": med("ours"), "transformers": med("hf"), "matmul_bound": med("prefill_bound")},
         "prefill_frac_of_peak": {"internvl35": med("ours", "prefill_bound"), "transformers": med("hf", "prefill_bound")},
-        "decode_tok_s": {"internvl35": d["eager"], "internvl35_compiled": d["compiled"],
+        "decode_tok_s": {"internvl35": d["eager"], "internvl35_compiled": d["compiled"], "internvl35_native": d["native"],
                          "transformers": d["transformers"], "bandwidth_bound": d["bound"],
                          "bandwidth_bound_compiled": d["bound_compiled"]},
         "decode_frac_of_bound": {"internvl35": frac["eager"], "internvl35_compiled": frac["compiled"],
+                                 "internvl35_native": frac["native"],
                                  "transformers": frac["transformers"]},
         "decode_compile_s": compile_s,
         "speedup": {"prefill": med("ours", "hf"), "decode": med("eager", "transformers"),
-                    "decode_compiled": med("compiled", "transformers")},
+                    "decode_compiled": med("compiled", "transformers"),
+                    "decode_native": med("native", "transformers")},
         "load_rss_over_weights": rss["rss_peak"] / rss["weights"],
         "load_rss_minus_import_over_weights": (rss["rss_peak"] - rss["rss_base"]) / rss["weights"],
         "load_compile_rss_over_weights": rss_compile["rss_peak"] / rss["weights"],  # + the bf16 copies

@@ -70,10 +70,11 @@ def test_thinking_uses_reasoning_system_prompt(tiny_ckpt):
     assert "<think>" not in m.build_prompt("2+2?").text
 
 
-def test_compiled_decode_matches_eager(tiny_ckpt, image):
+def test_compiled_decode_matches_eager(tiny_ckpt, image, monkeypatch):
     """The torch.compile decode step (static shapes, masked full-length cache) gives the eager tokens,
     also for a left-padded batch and across two prompt lengths sharing one cache bucket."""
     from torch._dynamo.utils import counters
+    monkeypatch.setenv("INTERNVL35_NATIVE", "0")  # single prompts too through torch (not the C step)
     eager, compiled = internvl35.load(tiny_ckpt), internvl35.load(tiny_ckpt, compile=True)
     graphs = counters["stats"]["unique_graphs"]
     q = ["Describe the image.", "What color is the circle in this picture?"]
@@ -84,10 +85,11 @@ def test_compiled_decode_matches_eager(tiny_ckpt, image):
     assert counters["stats"]["unique_graphs"] > graphs  # the steps did go through torch.compile
 
 
-def test_interleaved_compiled_generations_keep_their_graphs(tiny_ckpt):
+def test_interleaved_compiled_generations_keep_their_graphs(tiny_ckpt, monkeypatch):
     """A generation's later compiled steps skip dynamo's full guard checks (the first step made
     them). Steps of other generations in between, of another model (other shapes) and another batch
     size, must not lead it to a graph that is not its own: every stream equals its eager tokens."""
+    monkeypatch.setenv("INTERNVL35_NATIVE", "0")  # single prompts too through torch (not the C step)
     tiny, mini = internvl35.load(tiny_ckpt, compile=True), internvl35.load("mini", compile=True)
     jobs = []
     for cm, qs in ((tiny, ["Describe the image."]), (tiny, ["Hi", "What color is the circle?"]),

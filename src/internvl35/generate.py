@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from internvl35.kernels.decode import NativeDecoder
 from internvl35.models.internvl import InternVLModel
 from internvl35.models.layers import attention, prepare_compile
 from internvl35.models.qwen3 import require_weights_as_prepared
@@ -16,13 +17,14 @@ from internvl35.sampling import SamplingParams, sample_next
 
 
 class StaticKVCache:
-    """Preallocated K [B, K, S, Dh] and V^T [B, K, Dh, S] per layer; slots fill left to right,
-    `valid` marks real tokens. Eager steps attend over the filled prefix; a compiled decode step
-    (static shapes) attends over every slot with the unfilled ones masked. A symbolic span over the
+    """Preallocated K [B, K, S, Dh] and V^T [B, K, Dh, S] (V [B, K, S, Dh] with `v_transposed=False`,
+    as the native step reads it) per layer; slots fill left to right, `valid` marks real tokens.
+    Eager steps attend over the filled prefix; a compiled decode step (static shapes) attends over
+    every slot with the unfilled ones masked. A symbolic span over the
     filled slots (rounded up to 64) measured no faster for 1B: one graph over 320 vs all 512 slots,
     0.691 vs 0.698 of the bound, 6 alternating rounds; the weights' matvecs dominate the step."""
 
-    def __init__(self, model: InternVLModel, batch: int, max_len: int) -> None:
+    def __init__(self, model: InternVLModel, batch: int, max_len: int, v_transposed: bool = True) -> None:
         t = model.cfg.text
         p = model.language_model.model.embed_tokens.weight
         shape = (batch, t.num_kv_heads, max_len, t.head_dim)
@@ -31,8 +33,9 @@ class StaticKVCache:
         # probs @ v then reads contiguous rows (see _single_query_attention). Writes go to that
         # tensor itself: inductor updates a strided view of it out of place, copying it whole.
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
-        v_shape = (batch, t.num_kv_heads, t.head_dim, max_len)
+        v_shape = (batch, t.num_kv_heads, t.head_dim, max_len) if v_transposed else shape
         self.v = [torch.zeros(v_shape, dtype=p.dtype, device=p.device) for _ in range(t.num_layers)]
+        self.v_transposed = v_transposed
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)
         self.length, self._step, self._mask, self._causal = 0, 0, None, False
         self._slots = torch.zeros(0, dtype=torch.long, device=p.device)
@@ -55,10 +58,13 @@ class StaticKVCache:
         self._mask, self._causal = mask[:, None], False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values_t = self.k[layer], self.v[layer]
+        keys, values = self.k[layer], self.v[layer]
         keys.index_copy_(2, self._slots, k)
-        values_t.index_copy_(3, self._slots, v.transpose(-1, -2))
-        values = values_t.transpose(-1, -2)
+        if self.v_transposed:
+            values.index_copy_(3, self._slots, v.transpose(-1, -2))
+            values = values.transpose(-1, -2)
+        else:
+            values.index_copy_(2, self._slots, v)
         if torch.compiler.is_compiling():  # one token per row; every slot, so shapes never change
             return attention(q, keys, values, causal=False, mask=self._slot_mask)
         n = self.length + self._step
@@ -96,12 +102,15 @@ CACHE_BUCKET = 256  # compiled steps round the cache length up to this, so promp
 @torch.inference_mode()
 def generate_stream(model: InternVLModel, prompts: list[list[int]], params: SamplingParams,
                     stop_ids: set[int], image_features: torch.Tensor | None = None,
-                    pad_id: int = 0, compile: bool = False) -> Iterator[list[int | None]]:
+                    pad_id: int = 0, compile: bool = False, native: bool = True) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (None once that prompt has stopped).
 
     `image_features` [M, D] fill the <IMG_CONTEXT> slots of all prompts in order. A stop token is
     yielded, then the row is finished. `compile` runs the decode steps through torch.compile (the
-    first call per batch size and cache bucket compiles; the prefill stays eager).
+    first call per batch size and cache bucket compiles; the prefill stays eager). With `native`, a
+    single prompt decodes through the C step of `internvl35.kernels` where it applies (see
+    `NativeDecoder`), compiled or not: one parallel region per step instead of hundreds of small
+    parallel loops (1B on 2 cores: see the kernel's notes).
     """
     B, Lmax = len(prompts), max(len(p) for p in prompts)
     device = model.language_model.model.embed_tokens.weight.device
@@ -115,8 +124,9 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
     if compile:
         require_weights_as_prepared(model)
         max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
-    step_fn = _compiled_decode_step() if compile else _decode_step
-    cache = StaticKVCache(model, B, max_len)
+    use_native = native and B == 1 and NativeDecoder.applies(model)
+    step_fn = _compiled_decode_step() if compile and not use_native else _decode_step
+    cache = StaticKVCache(model, B, max_len, v_transposed=not use_native)
     gen = None
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
@@ -125,6 +135,7 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
     cache.begin(valid)
     logits = model(ids, image_features=image_features, positions=positions, cache=cache, last_only=True)
     cache.end()
+    native_step = NativeDecoder(model, cache) if use_native else None
     for step in range(params.max_new_tokens):
         nxt = sample_next(logits[:, -1], params, gen, seen if params.repetition_penalty != 1.0 else None)
         yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist())]
@@ -134,6 +145,10 @@ def generate_stream(model: InternVLModel, prompts: list[list[int]], params: Samp
         seen = torch.cat([seen, nxt[:, None]], dim=1)
         positions = positions[:, -1:] + 1
         cache.begin(torch.ones(B, 1, dtype=torch.bool, device=device))
+        if native_step is not None:  # one unpadded row: its position is its cache slot
+            logits = native_step(int(nxt), cache.length)[None, None]
+            cache.end()
+            continue
         # The first compiled step of this generation passes dynamo's guards (4984 checks for 1B);
         # every later one runs the same graph on the same model, cache and shapes (only tensor values
         # change), so only the checks that tell cached graphs apart run (1B on 2 cores: dynamo's
