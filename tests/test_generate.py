@@ -104,3 +104,18 @@ def test_interleaved_compiled_generations_keep_their_graphs(tiny_ckpt, monkeypat
         for out, s in zip(got, streams):  # one step of each generation in turn
             out.append(next(s))
     assert got == eager
+
+
+def test_argmax_rows_equals_argmax():
+    """The blocked argmax gives torch's first-maximum index: ties across and within blocks, the max
+    in a short last block, -inf and NaN entries, and vocabularies too small to block."""
+    from internvl35.sampling import argmax_rows
+    g = torch.Generator().manual_seed(0)
+    for V in (151936, 5000, 3 * 1024, 1500, 7):
+        x = torch.randn(6, V, generator=g)
+        x[1, V // 3] = x[1, V - 1] = 50.0  # a tie across blocks: the first wins
+        x[2, V - 1] = 60.0  # the max in the last (maybe short) block
+        x[3, :] = 1.0  # all equal
+        x[4, : V // 2] = float("-inf")
+        x[5, V // 2] = float("nan")
+        assert torch.equal(argmax_rows(x), x.argmax(-1)), V

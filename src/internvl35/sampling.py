@@ -37,6 +37,31 @@ class SamplingParams:
         return self.temperature == 0
 
 
+ARGMAX_BLOCK = 1024
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> the index of each row's first maximum [B], as `argmax(-1)`, in two passes:
+    the max of every block of ARGMAX_BLOCK values (a vectorised reduction), then an argmax within
+    the first block holding the row's max. torch's CPU argmax over a row is a scalar loop: for a
+    151936-entry vocabulary, 128 vs 36 us for one row and 2.7 vs 0.3 ms for 32 rows (2 cores)."""
+    B, V = logits.shape
+    W = ARGMAX_BLOCK
+    n = V // W
+    if n < 2 or logits.device.type != "cpu":
+        return logits.argmax(-1)
+    blocks = logits[:, :n * W].reshape(B, n, W).amax(-1)  # [B, n]
+    if V % W:
+        blocks = torch.cat([blocks, logits[:, n * W:].amax(-1, keepdim=True)], 1)
+    best = blocks.amax(-1, keepdim=True)
+    if bool(best.isnan().any()):  # argmax counts NaN as the maximum; amax spreads it
+        return logits.argmax(-1)
+    first = (blocks == best).to(torch.uint8).argmax(-1)  # [B]: the first block holding the max
+    # that block's values; positions past V (a short last block) repeat the last value, after it
+    cols = (first[:, None] * W + torch.arange(W, device=logits.device)).clamp_(max=V - 1)
+    return first * W + logits.gather(1, cols).argmax(-1)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on tokens already in the sequence: logits [B, V], seen [B, n] ids."""
     if penalty == 1.0 or seen.numel() == 0:
@@ -53,7 +78,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
+        return argmax_rows(logits)
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

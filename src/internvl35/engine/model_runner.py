@@ -18,7 +18,7 @@ from internvl35.models.internvl import InternVLModel
 from internvl35.models.cpu_matmul import padded_rows
 from internvl35.models.layers import SPLIT_MAX_ROWS, prepare_compile
 from internvl35.models.qwen3 import require_weights_as_prepared
-from internvl35.sampling import sample_next
+from internvl35.sampling import argmax_rows, sample_next
 
 log = logging.getLogger("internvl35.engine")
 
@@ -112,7 +112,7 @@ class ModelRunner:
 
     @staticmethod
     def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        out = logits.float().argmax(-1).tolist()  # greedy rows need nothing else
+        out = argmax_rows(logits.float()).tolist()  # greedy rows need nothing else
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.greedy and p.repetition_penalty == 1.0:

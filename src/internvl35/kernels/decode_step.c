@@ -3,17 +3,25 @@
  *
  * Why by hand: a decode step is bound by reading the weights once. Compiled by inductor, a 1B step
  * streams its matvecs at ~87% of the memory bandwidth but runs every small op (norms, rope, softmax,
- * silu) as its own parallel loop, ~690 barriers per step, and lands at ~72% of the bound. Here each
- * thread owns whole kv-head groups through q/k/v, norms, rope, cache write and attention (no barrier
- * inside attention), and a contiguous block of rows of every other product.
+ * silu) as its own parallel loop, ~690 barriers per step, and lands at 71-73% of the bound in the
+ * machine's fast memory regime. Here each thread owns whole kv-head groups through q/k/v, norms,
+ * rope, cache write and attention (no barrier inside attention), and a contiguous block of rows of
+ * every other product: 0.83 of the bound in that regime, 0.96 in the slow one (1B, 2 cores, bf16
+ * copies, benchmarks/bench_core.py). The attention reads the K/V cache at one core's bandwidth per
+ * thread; the matvecs stream at ~90%.
  *
  * Numerics: fp32 throughout, as the model computes; weights are either the fp32 parameters or their
  * exact bfloat16 copies (widened as loaded, so both give the fp32 product). Sums run in another
  * order than torch's, so results match to rounding, not bit for bit.
  *
- * Memory access: one weight row at a time per thread. Interleaving 2-8 rows (to reuse each load of
- * x) ran at under half the bandwidth on the 2-core Zen 4 this was tuned on: the row streams, 2-6 KB
- * apart, defeat the hardware prefetcher; software prefetch did not help either.
+ * Measured and not used (1B, 2 cores, side by side):
+ * - interleaving 2-8 weight rows per thread to reuse each load of x: under half the bandwidth (the
+ *   row streams, 2-6 KB apart, defeat the hardware prefetcher); software prefetch: slower too;
+ * - dynamic scheduling of rows (chunks of 32-128 rows, 512-4096 for the head) instead of the
+ *   static split: 0.77-0.85 vs 0.86 of the bound;
+ * - V stored transposed (as the compiled step wants it): 128 short row streams per kv head; one
+ *   thread's attention over 28 layers x 4 kv heads x 600 positions took 4.8-5.9 vs 2.5-3.3 ms;
+ * - libm's scalar expf in the softmax: 2.9-3.3 vs 2.5-2.6 ms with exp16 (same attention).
  */
 #include <math.h>
 #include <omp.h>
