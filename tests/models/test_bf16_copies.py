@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import internvl35
-from internvl35.models import layers
+from internvl35.models import layers, weight_copies
 from internvl35.models.qwen3 import bf16_copies_, fuse_projections_, require_weights_as_prepared
 from tests.models.test_fused import _forward, _lm
 
@@ -23,10 +23,10 @@ def _bf16_valued_lm():
 
 def test_bf16_exact_reads_the_low_bits():
     w = torch.randn(64, 32)
-    assert not layers.bf16_exact(w)
-    assert layers.bf16_exact(w.bfloat16().float())
-    assert not layers.bf16_exact(w.bfloat16())  # a bf16 tensor is not an fp32 weight to copy
-    assert not layers.bf16_exact(w.bfloat16().float().t())  # nor a strided view
+    assert not weight_copies.bf16_exact(w)
+    assert weight_copies.bf16_exact(w.bfloat16().float())
+    assert not weight_copies.bf16_exact(w.bfloat16())  # a bf16 tensor is not an fp32 weight to copy
+    assert not weight_copies.bf16_exact(w.bfloat16().float().t())  # nor a strided view
 
 
 def test_copies_only_where_every_value_is_bf16():

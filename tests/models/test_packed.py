@@ -14,13 +14,13 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 def _packed_calls(lm, x) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """Logits and the weight shapes of the products that went through a packed weight."""
     calls = []
-    real = layers._onednn_linear
-    layers._onednn_linear = lambda x_, w, b: calls.append(tuple(w.shape)) or real(x_, w, b)
+    real = layers.onednn_linear
+    layers.onednn_linear = lambda x_, w, b: calls.append(tuple(w.shape)) or real(x_, w, b)
     try:
         with torch.inference_mode():
             return _forward(lm, x), calls
     finally:
-        layers._onednn_linear = real
+        layers.onednn_linear = real
 
 
 @pytest.mark.parametrize("fuse", [True, False])

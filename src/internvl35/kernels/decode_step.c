@@ -113,8 +113,8 @@ static void rope(float *x, const float *cos, const float *sin, int64_t d) {
 }
 
 #ifdef __AVX512F__
-/* expf over 16 lanes (Cephes' polynomial, ~1 ulp): libm's scalar expf made the softmax the largest
- * part of a 1B step's attention */
+/* expf over 16 lanes (Cephes' polynomial, ~1 ulp), for the softmax (see the notes above). The
+ * SiLU keeps libm's expf: vectorised, 1B steps measured the same (0.872 vs 0.867 of the bound). */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.f)); /* exp underflows to 0 below */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
