@@ -55,7 +55,8 @@ def test_native_step_matches_eager_step(tmp_path, tokenizer, bf16):
             for c in (ref, nat):
                 c.begin(torch.ones(1, 1, dtype=torch.bool))
             want = _decode_step(m.model, torch.tensor([[token]]), torch.tensor([[pos]]), ref)[0, -1]
-            got = step(token, pos)
+            got, best = step(token, pos)
+            assert best == int(got.argmax())
             for c in (ref, nat):
                 c.end()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -67,15 +68,39 @@ def test_native_step_matches_eager_step(tmp_path, tokenizer, bf16):
 
 
 @needs_cc
-def test_native_generation_equals_torch_generation(mini, image):
-    """The trained mini model: greedy tokens through the C step equal the torch steps', with an image."""
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=24),
+                                    SamplingParams(max_new_tokens=24, repetition_penalty=1.3),
+                                    SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3)])
+def test_native_generation_equals_torch_generation(mini, image, params):
+    """The trained mini model: tokens through the C step equal the torch steps', with an image;
+    greedy (the kernel's argmax), with a repetition penalty and seeded sampling (torch's selection)."""
     p = mini.build_prompt("How many shapes are there? Answer briefly.", [image])
     feats = mini.model.encode_images(p.pixel_values)[0]
-    params = SamplingParams(max_new_tokens=24)
     assert NativeDecoder.applies(mini.model)
     native = list(generate_stream(mini.model, [p.input_ids], params, set(), feats, native=True))
     torch_steps = list(generate_stream(mini.model, [p.input_ids], params, set(), feats, native=False))
     assert native == torch_steps and len(native) == 24
+
+
+@needs_cc
+def test_native_argmax_takes_the_first_maximum_and_nan(tmp_path, tokenizer):
+    """The kernel's argmax as torch.argmax: the first of tied maxima, across the threads' row blocks,
+    and a NaN logit before any number."""
+    m = _odd_model(tmp_path, tokenizer, bf16=False)
+    head = m.model.language_model.head_weight
+    V = head.shape[0]
+    cache = StaticKVCache(m.model, 1, 4, v_transposed=False)
+    step = NativeDecoder(m.model, cache)
+    with torch.no_grad():
+        logits, _ = step(3, 0)
+        top = int(logits.argmax())
+        for row in (V - 1, V // 2, 1):  # ties with the maximum: in the last, a middle and an early row
+            head[row] = head[top]
+            logits, best = step(3, 0)
+            assert best == int(logits.argmax()) == min(row, top)
+        head[V - 2] = float("nan")
+        logits, best = step(3, 0)
+        assert best == int(logits.argmax()) == V - 2
 
 
 def test_native_step_declines_what_it_does_not_cover(tmp_path, mini, monkeypatch):

@@ -16,6 +16,7 @@ from internvl35.kernels.build import load_kernel
 from internvl35.models.layers import FusedLinears, rope_cos_sin
 
 _PP = ctypes.POINTER(ctypes.c_void_p)
+MAX_THREADS = 64  # the kernel's per-thread argmax slots
 
 
 class _Plan(ctypes.Structure):
@@ -84,21 +85,21 @@ class NativeDecoder:
         self.vocab, self._embed_rows = self._plan.vocab, lm.model.embed_tokens.weight.shape[0]
         self._fn = load_kernel("decode_step").decode_step
         self._fn.argtypes = [ctypes.POINTER(_Plan), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-        self._fn.restype = None
+        self._fn.restype = ctypes.c_int64
 
-    def __call__(self, token: int, slot: int) -> torch.Tensor:
-        """Logits [vocab] for `token` at cache slot `slot` (its position: one unpadded row); writes its K/V there."""
+    def __call__(self, token: int, slot: int) -> tuple[torch.Tensor, int]:
+        """(logits [vocab], their argmax) for `token` at cache slot `slot` (its position: one unpadded
+        row); writes its K/V there."""
         if not (0 <= token < self._embed_rows and 0 <= slot < self.slots):
             raise IndexError(f"token {token} or slot {slot} out of range ({self._embed_rows} ids, {self.slots} slots)")
         logits = torch.empty(self.vocab)
-        self._fn(ctypes.byref(self._plan), token, slot, logits.data_ptr(), self._threads)
-        return logits
+        return logits, self._fn(ctypes.byref(self._plan), token, slot, logits.data_ptr(), self._threads)
 
     @staticmethod
     def applies(model: nn.Module) -> bool:
         """Whether the native step covers `model` (an InternVLModel) here, building the kernel if needed."""
         t, lm = model.cfg.text, model.language_model
-        if t.moe or t.attention_bias or t.num_heads % t.num_kv_heads:
+        if t.moe or t.attention_bias or t.num_heads % t.num_kv_heads or torch.get_num_threads() > MAX_THREADS:
             return False
         fused = [f for m in lm.model.layers for f in (m.self_attn.qkv, m.mlp.gate_up)]
         if not all(isinstance(f, FusedLinears) and f.fused() for f in fused):

@@ -217,9 +217,14 @@ static void block_step(const Plan *p, int64_t l, int64_t pos, int t, int nt) {
 #pragma omp barrier
 }
 
-/* One step for `token` at cache slot (= position) `pos`: writes its K/V there, logits [vocab]. */
-void decode_step(const Plan *p, int64_t token, int64_t pos, float *logits, int threads) {
+/* One step for `token` at cache slot (= position) `pos`: writes its K/V there and logits [vocab];
+ * returns the index of the first maximum (NaN counting as the maximum, as torch.argmax), each
+ * thread scanning the head rows it computed while they are in cache. */
+int64_t decode_step(const Plan *p, int64_t token, int64_t pos, float *logits, int threads) {
     memcpy(p->h, p->embed + token * p->hidden, p->hidden * sizeof(float));
+    float best[64];
+    int64_t where[64];
+    int used = 1;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -228,6 +233,17 @@ void decode_step(const Plan *p, int64_t token, int64_t pos, float *logits, int t
         rms_norm(p->h, p->final_norm, xn, p->hidden, p->eps);
         int64_t lo, hi;
         block(p->vocab, t, nt, &lo, &hi);
-        for (int64_t r = lo; r < hi; r++) logits[r] = dot_row(p, p->head, r, xn, p->hidden);
+        float b = -INFINITY;
+        int64_t at = lo;
+        for (int64_t r = lo; r < hi; r++) {
+            float v = logits[r] = dot_row(p, p->head, r, xn, p->hidden);
+            if (v > b || (isnan(v) && !isnan(b))) b = v, at = r;
+        }
+        if (t < 64) best[t] = b, where[t] = at;
+        if (t == 0) used = nt < 64 ? nt : 64;
     }
+    int64_t at = where[0];
+    for (int t = 1; t < used; t++) /* blocks in order: a later one wins only if strictly larger */
+        if (!isnan(best[0]) && (best[t] > best[0] || isnan(best[t]))) best[0] = best[t], at = where[t];
+    return at;
 }
