@@ -104,8 +104,8 @@ def test_native_argmax_takes_the_first_maximum_and_nan(tmp_path, tokenizer):
 
 
 def test_native_step_declines_what_it_does_not_cover(tmp_path, mini, monkeypatch):
-    """MoE blocks, unfused projections, other cache layouts, INTERNVL35_NATIVE=0 and a failing
-    compiler leave decoding to torch."""
+    """MoE blocks, unfused projections, other cache layouts, INTERNVL35_NATIVE=0, a failing compiler
+    and an unusable cache directory leave decoding to torch."""
     moe = InternVLModel(get_config("mini-moe"))
     fuse_projections_(moe)
     assert not NativeDecoder.applies(moe)
@@ -119,3 +119,11 @@ def test_native_step_declines_what_it_does_not_cover(tmp_path, mini, monkeypatch
     monkeypatch.setenv("CC", "false")  # a compiler that fails every build
     assert build.load_kernel("decode_step") is None
     assert not list((tmp_path / "cache").rglob("*.so"))
+    monkeypatch.delenv("CC")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("INTERNVL35_CACHE", str(tmp_path / "file"))  # a cache directory that cannot be made
+    build._build.cache_clear()
+    try:
+        assert build.load_kernel("decode_step") is None
+    finally:
+        build._build.cache_clear()  # later tests build (or find) the kernel in the usual place

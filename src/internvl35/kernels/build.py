@@ -26,10 +26,19 @@ def cache_dir() -> Path:
     return Path(root) / "internvl35" / "kernels"
 
 
+def _cpu() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return " ".join(sorted({ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))}))
+
+
 def load_kernel(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel `name` (`name`.c next to this file), building it on first use; None when
-    INTERNVL35_NATIVE=0, or (with a debug log line) when no C compiler is found or the build fails,
-    so that callers fall back to torch."""
+    """The compiled kernel `name` (`name`.c next to this file), building it on first use; None, so
+    that callers fall back to torch, when INTERNVL35_NATIVE=0, when no C compiler is found (a debug
+    log line) or when the build or the cache directory fails (a warning, once)."""
     if os.environ.get("INTERNVL35_NATIVE", "1") == "0" or sys.platform != "linux":
         return None
     return _build(name, os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
@@ -41,15 +50,21 @@ def _build(name: str, cc: str | None) -> ctypes.CDLL | None:
     if cc is None:
         log.debug("no C compiler: %s runs through torch", name)
         return None
-    key = hashlib.sha256(src.read_bytes() + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
+    # -march=native code runs only on CPUs like this one: a cache shared between machines keeps one per CPU
+    key = hashlib.sha256(src.read_bytes() + " ".join((cc, *FLAGS, _cpu())).encode()).hexdigest()[:16]
     lib = cache_dir() / f"{name}-{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # built aside, then renamed: atomic
-            out = Path(tmp) / lib.name
-            done = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                log.debug("building %s failed: %s", name, done.stderr.strip()[-2000:])
-                return None
-            os.replace(out, lib)
-    return ctypes.CDLL(str(lib))
+    try:
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # built aside, then renamed: atomic
+                out = Path(tmp) / lib.name
+                done = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+                if done.returncode != 0:
+                    log.warning("building the %s kernel failed, torch runs instead: %s", name,
+                                done.stderr.strip()[-2000:])
+                    return None
+                os.replace(out, lib)
+        return ctypes.CDLL(str(lib))
+    except OSError as e:  # an unwritable cache directory, a compiler that cannot start, a library that cannot load
+        log.warning("the %s kernel is unavailable, torch runs instead: %s", name, e)
+        return None
