@@ -1,12 +1,12 @@
 """Core inference benchmark: internvl35 vs transformers on the same random 1B-shaped fp32 model (CPU).
 
-Prints prefill (one 448px tile + text) and decode tokens/s for both (ours eager and with the
-torch.compile decode step), side by side, the machine's fp32 matmul peak and memory bandwidth
+Prints prefill (one 448px tile + text) and decode tokens/s for both (ours eager, with the
+torch.compile decode step and with the native C step), side by side, the machine's fp32 matmul peak and memory bandwidth
 measured in the same run, the fraction of each bound reached (prefill: its matmul FLOPs over the
 peak measured around it; decode: the weights and the K/V cache a token reads over the bandwidth
-sampled right after each step; the compiled step reads bf16 copies of the bf16-valued weights, so
-its bound counts 2 bytes per weight, the others 4), and the peak RSS of `internvl35.load` relative
-to the model's size in memory.
+sampled right after each step; the compiled and the native step read bf16 copies of the
+bf16-valued weights, so their bound counts 2 bytes per weight, the others 4), and the peak RSS of
+`internvl35.load` relative to the model's size in memory.
 
     .venv/bin/python benchmarks/bench_core.py [--preset 1B] [--decode-tokens 32]
 """
@@ -222,12 +222,12 @@ def main() -> None:
         "bandwidth_gbs": d["bound"] * nbytes / 1e9,
         "prefill_tok_s": {"internvl35": med("ours"), "transformers": med("hf"), "matmul_bound": med("prefill_bound")},
         "prefill_frac_of_peak": {"internvl35": med("ours", "prefill_bound"), "transformers": med("hf", "prefill_bound")},
-        "decode_tok_s": {"internvl35": d["eager"], "internvl35_compiled": d["compiled"], "internvl35_native": d["native"],
-                         "transformers": d["transformers"], "bandwidth_bound": d["bound"],
+        "decode_tok_s": {"internvl35": d["eager"], "internvl35_compiled": d["compiled"],
+                         "internvl35_native": d["native"], "transformers": d["transformers"],
+                         "bandwidth_bound": d["bound"],
                          "bandwidth_bound_compiled": d["bound_compiled"]},
         "decode_frac_of_bound": {"internvl35": frac["eager"], "internvl35_compiled": frac["compiled"],
-                                 "internvl35_native": frac["native"],
-                                 "transformers": frac["transformers"]},
+                                 "internvl35_native": frac["native"], "transformers": frac["transformers"]},
         "decode_compile_s": compile_s,
         "speedup": {"prefill": med("ours", "hf"), "decode": med("eager", "transformers"),
                     "decode_compiled": med("compiled", "transformers"),
