@@ -242,7 +242,9 @@ def load(path_or_preset: str | Path = "mini", dtype: torch.dtype | None = None,
     `part="vision"` / `"language"` loads one side only (decoupled serving); `compile` decodes with
     torch.compile (a one-time compile per batch size and length bucket, then faster steps; where the
     LLM's weights hold only bf16 values, as loaded from bf16 storage, single-sequence steps read a bf16
-    copy of them: exact, half the bytes, and half the LLM's fp32 size in memory);
+    copy of them: exact, half the bytes, and half the LLM's fp32 size in memory). A single prompt of a
+    dense LLM on CPU decodes through the native kernel either way, from that copy where it exists
+    (see `generate_stream`);
     `pack_weights` keeps a oneDNN-packed copy of the LLM weights for decode steps (fp32 CPU; the
     LLM's size in memory again: see `PackedWeight`)."""
     device = check_device(device)  # before reading anything: a bad name fails in one line

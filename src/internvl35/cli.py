@@ -68,9 +68,10 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed"),
     flash: Optional[bool] = typer.Option(None, "--flash/--no-flash", help="Flash router on/off (Flash models)."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (compiles once, "
-                                 "then decodes faster; pays off for long answers and interactive sessions)."
-                                 + BF16_HELP),
+    compile: bool = typer.Option(False, "--compile", help="Decode faster. On CPU a dense LLM's steps run "
+                                 "the native kernel (as without this flag) on a bf16 copy of bf16-valued LLM "
+                                 "weights, half their size; elsewhere they run as one torch.compile graph "
+                                 "(compiled once; pays off for long answers and interactive sessions)."),
     pack_weights: bool = typer.Option(False, "--pack-weights", help=PACK_HELP),
 ) -> None:
     """Chat about images or a video with an InternVL3.5 checkpoint."""

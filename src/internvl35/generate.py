@@ -20,9 +20,9 @@ class StaticKVCache:
     """Preallocated K [B, K, S, Dh] and V^T [B, K, Dh, S] (V [B, K, S, Dh] with `v_transposed=False`,
     as the native step reads it) per layer; slots fill left to right, `valid` marks real tokens.
     Eager steps attend over the filled prefix; a compiled decode step (static shapes) attends over
-    every slot with the unfilled ones masked. A symbolic span over the
-    filled slots (rounded up to 64) measured no faster for 1B: one graph over 320 vs all 512 slots,
-    0.691 vs 0.698 of the bound, 6 alternating rounds; the weights' matvecs dominate the step."""
+    every slot with the unfilled ones masked. A symbolic span over the filled slots (rounded up to
+    64) measured no faster for 1B: one graph over 320 vs all 512 slots, 0.691 vs 0.698 of the
+    bound, 6 alternating rounds; the weights' matvecs dominate the step."""
 
     def __init__(self, model: InternVLModel, batch: int, max_len: int, v_transposed: bool = True) -> None:
         t = model.cfg.text
