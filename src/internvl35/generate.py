@@ -163,7 +163,7 @@ def _native_decode(step: NativeDecoder, logits: torch.Tensor, slot: int, params:
     """generate_stream's loop for one unpadded prompt through the C step, from the prefill's last
     logits [V] and the first free cache slot (= the next position). Greedy steps take the kernel's
     argmax and run no torch op: right after a step has streamed the weights through the caches,
-    every torch op is cold (1B on 2 cores: a blocked argmax took 400 instead of 36 us, the cache's
+    every torch op is cold (1B on 2 cores: a blocked argmax took 400 instead of 66-77 us, the cache's
     slot bookkeeping 180 us, together 0.8-1.0 ms of a 23-32 ms step)."""
     penalty = params.repetition_penalty != 1.0
     greedy = params.greedy and not penalty
