@@ -1,14 +1,14 @@
 /* One single-sequence decode step of a dense Qwen3 LLM on CPU: embedding row, every block, final
- * norm and head, as ONE OpenMP parallel region with four barriers per block.
+ * norm, head and the logits' argmax, as ONE OpenMP parallel region with four barriers per block.
  *
  * Why by hand: a decode step is bound by reading the weights once. Compiled by inductor, a 1B step
  * streams its matvecs at ~87% of the memory bandwidth but runs every small op (norms, rope, softmax,
  * silu) as its own parallel loop, ~690 barriers per step, and lands at 71-73% of the bound in the
  * machine's fast memory regime. Here each thread owns whole kv-head groups through q/k/v, norms,
  * rope, cache write and attention (no barrier inside attention), and a contiguous block of rows of
- * every other product: 0.83 of the bound in that regime, 0.96 in the slow one (1B, 2 cores, bf16
- * copies, benchmarks/bench_core.py). The attention reads the K/V cache at one core's bandwidth per
- * thread; the matvecs stream at ~90%.
+ * every other product: 0.83-0.85 of the bound in that regime, 0.98-1.01 in the slow one (1B, 2
+ * cores, bf16 copies, benchmarks/bench_core.py, 5 rounds; the compiled step 0.68-0.70 / 0.88 in the
+ * same rounds). The attention reads the K/V cache at one core's bandwidth per thread.
  *
  * Numerics: fp32 throughout, as the model computes; weights are either the fp32 parameters or their
  * exact bfloat16 copies (widened as loaded, so both give the fp32 product). Sums run in another
