@@ -1,5 +1,6 @@
 """The native decode step (C, one parallel region per step) against the model's own eager step."""
 
+import ctypes
 import dataclasses
 import shutil
 
@@ -127,3 +128,20 @@ def test_native_step_declines_what_it_does_not_cover(tmp_path, mini, monkeypatch
         assert build.load_kernel("decode_step") is None
     finally:
         build._build.cache_clear()  # later tests build (or find) the kernel in the usual place
+
+
+@needs_cc
+def test_a_kernel_whose_plan_differs_is_refused(mini, monkeypatch):
+    """The C struct and its ctypes mirror must agree: a library whose Plan has another size (a source
+    edited without the other side) is refused before it is handed a pointer."""
+    import types
+
+    from internvl35.kernels import decode
+
+    def plan_bytes() -> int:
+        return ctypes.sizeof(decode._Plan) - 8
+
+    other = types.SimpleNamespace(decode_step=build.load_kernel("decode_step").decode_step, plan_bytes=plan_bytes)
+    monkeypatch.setattr(decode, "load_kernel", lambda name: other)
+    with pytest.raises(RuntimeError, match="Plan has"):
+        NativeDecoder(mini.model, StaticKVCache(mini.model, 1, 8, v_transposed=False))

@@ -83,7 +83,11 @@ class NativeDecoder:
             self._keep.append(tensor)
             setattr(self._plan, name, tensor.data_ptr())
         self.vocab, self._embed_rows = self._plan.vocab, lm.model.embed_tokens.weight.shape[0]
-        self._fn = load_kernel("decode_step").decode_step
+        lib = load_kernel("decode_step")
+        lib.plan_bytes.restype = ctypes.c_int64
+        if lib.plan_bytes() != ctypes.sizeof(_Plan):  # the C struct and its mirror here must agree
+            raise RuntimeError(f"decode_step.c's Plan has {lib.plan_bytes()} bytes, _Plan {ctypes.sizeof(_Plan)}")
+        self._fn = lib.decode_step
         self._fn.argtypes = [ctypes.POINTER(_Plan), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
         self._fn.restype = ctypes.c_int64
 

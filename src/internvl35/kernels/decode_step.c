@@ -217,6 +217,9 @@ static void block_step(const Plan *p, int64_t l, int64_t pos, int t, int nt) {
 #pragma omp barrier
 }
 
+/* sizeof(Plan), which the Python side checks against its mirror of the struct before any call */
+int64_t plan_bytes(void) { return (int64_t)sizeof(Plan); }
+
 /* One step for `token` at cache slot (= position) `pos`: writes its K/V there and logits [vocab];
  * returns the index of the first maximum (NaN counting as the maximum, as torch.argmax), each
  * thread scanning the head rows it computed while they are in cache. */
