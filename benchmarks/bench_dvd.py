@@ -2,7 +2,8 @@
 
 Request throughput of coupled serving vs DvD (vision server + language server) vs DvD + the Flash
 router, for a vision-heavy workload (one distinct multi-tile image per request, short outputs), all
-measured side by side in one run with real servers and a real HTTP client:
+measured side by side in one run with real servers and a real HTTP client (`--n` timed requests per
+mode, each image distinct, after `--concurrency` untimed ones that warm the servers up):
 
   (a) added hardware, as in the paper: coupled on one core vs vision on one core + language on the other
   (b) equal hardware: coupled on both cores vs the same 1 + 1 split
@@ -108,8 +109,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: dict,
+async def load_test(port: int, urls: list[str], warm: list[str], conc: int, tokens: int, extra: dict,
                     servers: dict[str, int]) -> dict:
+    """`urls` timed at `conc` requests in flight, after `warm` (other images) went through untimed: a
+    server builds a product kernel for each new shape on first use (1-5 ms each), a start-up cost
+    that a long-running server has behind it."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
@@ -117,7 +121,7 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
     for _ in range(600):  # wait until the server (and its vision server) answers
         try:
             await client.chat.completions.create(model="m", max_tokens=1, extra_body=extra, messages=[
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[-1]}},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": warm[0]}},
                                              {"type": "text", "text": "Describe the image."}]}])
             break
         except Exception:  # noqa: BLE001 - still starting
@@ -125,14 +129,17 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
     sem = asyncio.Semaphore(conc)
     latencies = []
 
-    async def one(url: str) -> None:
+    async def one(url: str, timed: bool = True) -> None:
         async with sem:
             t = time.perf_counter()
             await client.chat.completions.create(model="m", max_tokens=tokens, extra_body={**extra, "ignore_eos": True},
                                                  messages=[{"role": "user", "content": [
                                                      {"type": "image_url", "image_url": {"url": url}},
                                                      {"type": "text", "text": "Describe the image."}]}])
-            latencies.append(time.perf_counter() - t)
+            if timed:
+                latencies.append(time.perf_counter() - t)
+
+    await asyncio.gather(*(one(u, timed=False) for u in warm))
 
     # CPU time per request of each server and of this client: on 2 cores the client shares the
     # serving cores (with coupled serving on one core it has the other to itself)
@@ -140,7 +147,7 @@ async def load_test(port: int, urls: list[str], conc: int, tokens: int, extra: d
     c0 = time.process_time()
     m0 = engine_counts(port)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(u) for u in urls[:-1]))
+    await asyncio.gather(*(one(u) for u in urls))
     total = time.perf_counter() - t0
     n = len(latencies)
     cpu = {k: round((cpu_seconds(pid) - cpu0[k]) / n, 5) for k, pid in servers.items()}
@@ -164,10 +171,11 @@ def engine_counts(port: int) -> dict[str, float]:
             "generation_tokens": float(values["internvl35_generation_tokens_total"])}
 
 
-def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc, tokens, max_tiles,
-             flags: list[str] = (), preprocess: str = "vision") -> dict:
+def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, warm, conc, tokens, max_tiles,
+             flags: list[str] = (), preprocess: str = "vision", client_cores: set[int] | None = None) -> dict:
     """`flags`: of the language side (`--compile`, `--pack-weights`), the same for every mode;
-    `preprocess`: the side that decodes and tiles images in DvD."""
+    `preprocess`: the side that decodes and tiles images in DvD; `client_cores`: where this process
+    (the HTTP client) runs in DvD, where both cores serve (default: the language server's)."""
     port, procs = free_port(), []
     try:
         if mode == "coupled":
@@ -183,14 +191,14 @@ def run_mode(ckpt: Path, mode: str, cores: tuple[set[int], set[int]], urls, conc
         extra = {**(FLASH if mode.endswith("router") else {}), "max_tiles": max_tiles}
         names = ["server"] if mode == "coupled" else ["vision", "language"]
         # The client (this process) has a core to itself only beside coupled serving on one core. In DvD
-        # both cores serve: the client shares the language server's core, which handles its HTTP anyway.
-        # Left to the OS it also runs on the vision core, the bottleneck with the router (3.9 ms of CPU
-        # per request, 8% of a core at 20 req/s), where a remote client would cost nothing.
+        # both cores serve and it shares one (2-3 ms of CPU per request, where a remote client would cost
+        # nothing): `client_cores`, which `run_round` sets to the core with less work per request.
         mine = os.sched_getaffinity(0)
         if mode != "coupled":
-            os.sched_setaffinity(0, cores[0])
+            os.sched_setaffinity(0, client_cores or cores[0])
         try:
-            return asyncio.run(load_test(port, urls, conc, tokens, extra, {k: p.pid for k, p in zip(names, procs)}))
+            pids = {k: p.pid for k, p in zip(names, procs)}
+            return asyncio.run(load_test(port, urls, warm, conc, tokens, extra, pids))
         finally:
             os.sched_setaffinity(0, mine)
     finally:
@@ -205,7 +213,9 @@ def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> 
     from internvl35.serve.media import MediaLimits, fetch_encoded, fetch_image
 
     torch.set_num_threads(1)
-    urls = urls[:16]
+    # twice the concurrency (at least 16): the LLM stage runs in groups as large as the servers see, and
+    # a moment of slowness on this machine weighs less in the bound than over fewer requests
+    urls = urls[:max(16, 2 * conc)]
     t = time.perf_counter()
     files = [fetch_encoded(u, MediaLimits()) for u in urls]
     for f in files:
@@ -286,13 +296,18 @@ def placement_costs(st: dict, side: str) -> tuple[float, float, float]:
     return st["transfer_tiles"], 0.0, st["preprocess"]  # float32 tiles travel
 
 
+def core_loads(st: dict, side: str, router: bool) -> tuple[float, float]:
+    """Seconds per request of (the vision core, the language core) in DvD, with or without the router."""
+    x, vis_pre, lang_pre = placement_costs(st, side)
+    v, llm = (st["vision_router"], st["llm_router"]) if router else (st["vision"], st["llm"])
+    return vis_pre + v + x, lang_pre + llm + x
+
+
 def ideal_req_s(st: dict, side: str = "vision") -> dict:
     """The pipeline bound of each mode from per-stage seconds per request; DvD with images decoded and
     tiled on `side` (the language core always prefills and decodes)."""
-    pre, v, llm, vr, llmr = st["preprocess"], st["vision"], st["llm"], st["vision_router"], st["llm_router"]
-    x, vis_pre, lang_pre = placement_costs(st, side)
-    return {"coupled_1core": 1 / (pre + v + llm), "dvd": 1 / max(vis_pre + v + x, lang_pre + llm + x),
-            "dvd_router": 1 / max(vis_pre + vr + x, lang_pre + llmr + x)}
+    return {"coupled_1core": 1 / (st["preprocess"] + st["vision"] + st["llm"]),
+            "dvd": 1 / max(core_loads(st, side, False)), "dvd_router": 1 / max(core_loads(st, side, True))}
 
 
 def round_summary(sts: dict[str, dict], res: dict, side: str) -> dict:
@@ -328,6 +343,7 @@ def round_summary(sts: dict[str, dict], res: dict, side: str) -> dict:
         "latency_s": {k: round(r["latency_s"], 3) for k, r in res.items()},
         "cpu_s_per_request": {k: r["cpu_s_per_request"] for k, r in res.items()},
         "tokens_per_llm_step": {k: r["tokens_per_llm_step"] for k, r in res.items()},
+        "client_core": {k: r["client_core"] for k, r in res.items() if "client_core" in r},
     }
     return lines
 
@@ -346,21 +362,26 @@ def report(name: str, rounds: list[dict]) -> dict:
     return {"rounds": rounds, "medians": medians}
 
 
-def run_round(ckpt: Path, cm, modes: dict, urls: list[str], args) -> dict:
+def run_round(ckpt: Path, cm, modes: dict, urls: list[str], warm: list[str], args) -> dict:
     """Every mode once, each right after its stage times."""
     sts, res = {}, {}
     for key, (mode, cores) in modes.items():
         sts[key] = stage_times(cm, urls, args.concurrency, args.max_tokens, args.max_tiles)
-        res[key] = run_mode(ckpt, mode, cores, urls, args.concurrency, args.max_tokens, args.max_tiles,
+        vision_core, language_core = core_loads(sts[key], args.preprocess, mode.endswith("router"))
+        client = "vision" if vision_core < language_core else "language"  # the lighter core
+        res[key] = run_mode(ckpt, mode, cores, urls, warm, args.concurrency, args.max_tokens, args.max_tiles,
                             ["--compile"] * args.compile + ["--pack-weights"] * args.pack_weights,
-                            args.preprocess)
+                            args.preprocess, cores[1] if client == "vision" else cores[0])
+        if mode != "coupled":
+            res[key]["client_core"] = client
     return round_summary(sts, res, args.preprocess)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["vit-heavy", "mini"])
-    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--n", type=int, default=48, help="timed requests per mode, after --concurrency untimed ones "
+                    "(throughput includes filling and draining the pipeline: use several times --concurrency)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-tiles", type=int, default=6)
@@ -374,7 +395,8 @@ def main() -> None:
         sys.exit("needs 2 CPU cores")
     c0, c1 = sorted(os.sched_getaffinity(0))[:2]
     tmp = Path(tempfile.mkdtemp())
-    urls = images(args.n + 1)
+    urls = images(args.n + args.concurrency)
+    urls, warm = urls[:args.n], urls[args.n:]  # timed; run first, untimed
     out = {}
     for name in args.models:
         ckpt = vit_heavy_checkpoint(tmp / name) if name == "vit-heavy" else internvl35.load(name).path
@@ -383,7 +405,7 @@ def main() -> None:
         cm = internvl35.load(ckpt, compile=args.compile, pack_weights=args.pack_weights)
         torch.set_num_threads(1)  # as in `stage_times`: a compiled step keeps the thread count it saw
         LLMEngine(cm).warmup()  # compiles the decode steps (with --compile) before any timing
-        out[name] = report(name, [run_round(ckpt, cm, modes, urls, args) for _ in range(args.rounds)])
+        out[name] = report(name, [run_round(ckpt, cm, modes, urls, warm, args) for _ in range(args.rounds)])
     print(json.dumps(out))
 
 
