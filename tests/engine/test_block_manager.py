@@ -69,3 +69,20 @@ def test_can_append_matches_append():
     bm.append(s)
     s.token_ids.append(5)  # needs a third block: none free
     assert not bm.can_append(s)
+
+
+def test_blocks_freed_before_their_kv_was_computed_are_not_reused():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a = Sequence(list(range(10)))
+    bm.allocate(a)  # a prefill put back for want of step budget: nothing computed
+    bm.deallocate(a)
+    bm.allocate(a)
+    assert a.num_cached_tokens == 0
+    a.num_computed = 10  # its prefill ran
+    a.token_ids += [10, 11]
+    bm.append(a)
+    bm.append(a)  # block 2 sealed, though token 11 has not run yet
+    bm.deallocate(a)  # preempted before that step
+    b = Sequence(list(range(13)))
+    bm.allocate(b)
+    assert b.num_cached_tokens == 8  # blocks 0-1 hold computed K/V; block 2 does not

@@ -55,6 +55,17 @@ def test_engine_greedy_equals_chat_for_mixed_concurrent_requests(mini):
     assert engine.block_manager.num_free == engine.num_blocks  # everything released
 
 
+def test_prefills_put_back_for_want_of_step_budget_keep_outputs(mini):
+    """A step budget that fits about one prompt: prefills are allocated, put back and admitted
+    again later, and nothing of theirs counts as cached before it was computed."""
+    prompts = mixed_prompts(mini, 8)
+    params = SamplingParams(max_new_tokens=6)
+    budget = max(len(p.input_ids) for p in prompts) + 8
+    assert sum(len(p.input_ids) for p in prompts) > 2 * budget
+    engine = LLMEngine(mini, EngineConfig(block_size=8, max_num_batched_tokens=budget))
+    assert engine.generate(prompts, params) == [chat_ids(mini, p, params) for p in prompts]
+
+
 def test_padded_step_rows_change_nothing(mini, monkeypatch):
     """Steps run on row counts rounded up by `padded_rows`, the extra rows ignored by attention:
     tokens and KV cache equal those of steps on the exact rows."""

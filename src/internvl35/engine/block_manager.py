@@ -83,12 +83,21 @@ class BlockManager:
             prefix = h
 
     def deallocate(self, seq: Sequence) -> None:
-        """Release the blocks; cached content stays findable until a block is reused."""
-        for block_id in reversed(seq.block_table):
-            b = self.blocks[block_id]
+        """Release the blocks; cached content stays findable until a block is reused. A block is
+        findable from allocation on (so that sequences admitted in the same step share it), before
+        its K/V exist: one freed before they were all computed (a prefill put back for want of step
+        budget, a sequence preempted before its newest token ran) is made unfindable, or the next
+        sequence with that prefix would skip computing it and read whatever the slots held."""
+        computed = max(seq.num_computed, seq.num_cached_tokens)
+        for i in reversed(range(len(seq.block_table))):
+            b = self.blocks[seq.block_table[i]]
             b.ref_count -= 1
             if b.ref_count == 0:
-                self.free[block_id] = None
+                self.free[b.block_id] = None
+                if (i + 1) * self.block_size > computed and b.hash is not None:
+                    if self.by_hash.get(b.hash) == b.block_id:
+                        del self.by_hash[b.hash]
+                    b.hash, b.token_ids = None, []
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 
