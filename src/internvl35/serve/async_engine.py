@@ -84,8 +84,8 @@ class AsyncEngine:
 
     def _deliver_all(self, items: list[tuple[str, object]]) -> None:
         """Hand items to their requests' streams with one call into each event loop, not one per
-        item: every call writes to the loop's self-pipe while the GIL-holding loop competes for the
-        core (one call per output cost 72-75 us more per 32-output step on one core)."""
+        item: every call writes to the loop's self-pipe (one call per output cost 72-75 us more per
+        32-output step on one core)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for request_id, item in items:
             stream = self._streams.get(request_id)
