@@ -14,9 +14,10 @@ from torch import nn
 
 from internvl35.kernels.build import load_kernel
 from internvl35.models.layers import FusedLinears, rope_cos_sin
+from internvl35.models.weight_copies import current_copy
 
 _PP = ctypes.POINTER(ctypes.c_void_p)
-MAX_THREADS = 64  # the kernel's per-thread argmax slots
+MAX_THREADS = 64  # decode_step.c's MAX_THREADS: its slots for the threads' argmax results
 
 
 class _Plan(ctypes.Structure):
@@ -38,8 +39,7 @@ def _weights(model: nn.Module, bf16: bool) -> dict[str, list[torch.Tensor | None
     products = {"qkv": [m.qkv for m in attn], "o": [m.o_proj for m in attn],
                 "gate_up": [m.gate_up for m in mlp], "down": [m.down_proj for m in mlp]}
     out = {k: [f.bf16_now() if bf16 else f.weight_now() for f in fs] for k, fs in products.items()}
-    half = lm.head_half.get(lm.head_weight) if lm.head_half is not None else None
-    out["head"] = [half if bf16 else lm.head_weight]
+    out["head"] = [current_copy(lm.head_half, lm.head_weight) if bf16 else lm.head_weight]
     return out
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl35.models.cpu_matmul import onednn_faster, onednn_product
-from internvl35.models.weight_copies import Bf16Weight, PackedWeight, WeightCopy, onednn_linear, packed_op
+from internvl35.models.weight_copies import (Bf16Weight, PackedWeight, WeightCopy, current_copy, onednn_linear,
+                                             packed_op)
 
 
 class RMSNorm(nn.Module):
@@ -274,8 +275,7 @@ class FusedLinears:
 
     def bf16_now(self) -> torch.Tensor | None:
         """The bf16 copy of the fused weight if one exists and is current, else None."""
-        buffer, half = self._buffer("weight"), self._current(self.half)
-        return half.get(buffer) if half is not None and buffer is not None else None
+        return current_copy(self._current(self.half), self._buffer("weight"))
 
     def _stamped(self, copy: WeightCopy | None) -> WeightCopy | None:
         """`copy` with the version counters of the modules it covers (see `_current`)."""
@@ -317,7 +317,7 @@ class Linear(nn.Linear):
 
     def bf16_now(self) -> torch.Tensor | None:
         """The bf16 copy of the weight if one exists and is current, else None."""
-        return self.half.get(self.weight) if self.half is not None else None
+        return current_copy(self.half, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed, self.half)

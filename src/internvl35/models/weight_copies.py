@@ -52,11 +52,16 @@ class WeightCopy:
         return self._key(weight) == self._source
 
 
+def current_copy(copy: WeightCopy | None, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor of `copy` if there is one and it still matches `weight`, else None."""
+    return copy.get(weight) if copy is not None and weight is not None else None
+
+
 class PackedWeight(WeightCopy):
     """A copy of a [N, K] fp32 CPU weight in oneDNN's blocked layout, for products of a few rows
     (decode steps), where MKL on the plain layout pays nearly per row. Measured on 2 cores, 1B
     shapes, one layer's products: 13.6 / 16.2 / 21.5 / 46.4 ms at 2 / 4 / 8 / 32 rows vs 21.6 /
-    25.4 / 29.2 / 62.7 ms (the thread split below), equal at 1 and 456 rows; at 640+ rows it is
+    25.4 / 29.2 / 62.7 ms (the thread split of `layers.linear`), equal at 1 and 456 rows; at 640+ rows it is
     6-8% slower, so prefills keep the plain weight."""
 
     def __init__(self, weight: torch.Tensor) -> None:
