@@ -27,6 +27,8 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#define MAX_THREADS 64 /* slots for the threads' argmax results; kernels/decode.py mirrors it */
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -225,8 +227,8 @@ int64_t plan_bytes(void) { return (int64_t)sizeof(Plan); }
  * thread scanning the head rows it computed while they are in cache. */
 int64_t decode_step(const Plan *p, int64_t token, int64_t pos, float *logits, int threads) {
     memcpy(p->h, p->embed + token * p->hidden, p->hidden * sizeof(float));
-    float best[64];
-    int64_t where[64];
+    float best[MAX_THREADS];
+    int64_t where[MAX_THREADS];
     int used = 1;
 #pragma omp parallel num_threads(threads)
     {
@@ -242,8 +244,8 @@ int64_t decode_step(const Plan *p, int64_t token, int64_t pos, float *logits, in
             float v = logits[r] = dot_row(p, p->head, r, xn, p->hidden);
             if (v > b || (isnan(v) && !isnan(b))) b = v, at = r;
         }
-        if (t < 64) best[t] = b, where[t] = at;
-        if (t == 0) used = nt < 64 ? nt : 64;
+        if (t < MAX_THREADS) best[t] = b, where[t] = at;
+        if (t == 0) used = nt < MAX_THREADS ? nt : MAX_THREADS;
     }
     int64_t at = where[0];
     for (int t = 1; t < used; t++) /* blocks in order: a later one wins only if strictly larger */
