@@ -63,6 +63,25 @@ def test_linear_routes_large_products_by_the_choice(forced, monkeypatch):
     assert calls == []
 
 
+@needs_onednn
+def test_linear_routes_a_few_rows_of_a_large_weight_by_the_choice(forced, monkeypatch):
+    """From ONEDNN_MIN_ROWS rows, a weight of ONEDNN_MIN_WEIGHT elements takes oneDNN when chosen;
+    fewer rows, or a smaller weight, keep the split / BLAS paths."""
+    calls = []
+    real = layers.onednn_product
+    monkeypatch.setattr(layers, "onednn_product", lambda x, w, b: calls.append(tuple(x.shape)) or real(x, w, b))
+    large, small = torch.randn(layers.ONEDNN_MIN_WEIGHT // 256, 256), torch.randn(40, 24)
+    n = layers.ONEDNN_MIN_ROWS
+    for value, expect in (("onednn", [(n, 256)]), ("blas", [])):
+        forced(value)
+        calls.clear()
+        with torch.inference_mode():
+            for w, rows in ((large, n - 1), (large, n), (small, n)):
+                x = torch.randn(rows, w.shape[1])
+                torch.testing.assert_close(layers.linear(x, w), F.linear(x, w), atol=1e-4, rtol=1e-5)
+        assert calls == expect, value
+
+
 def test_bad_choice_is_rejected(forced):
     forced("fast")
     with pytest.raises(ValueError, match="INTERNVL35_CPU_MATMUL"):

@@ -127,6 +127,12 @@ def prepare_compile() -> None:
 # 1.0-1.3x at 64-256, slower from 512).
 SPLIT_MAX_ROWS = 32
 PACKED_MAX_ROWS = 128  # a packed weight serves products up to this many rows (see PackedWeight)
+# From this many rows, a product with a weight of at least ONEDNN_MIN_WEIGHT elements goes through
+# oneDNN too, where it is the faster library: 2-core EPYC, 4-32 rows of 1024x1024 to 3072x1024
+# weights, 1.2-2.0x faster than MKL on one thread and 1.1-1.9x faster than the split on two (the
+# Flash projector `mlp2` over a vision pass's compressed tiles, decode steps of unpacked weights).
+# Below either bound the split (or MKL on one thread) measured as fast or faster.
+ONEDNN_MIN_ROWS, ONEDNN_MIN_WEIGHT = 4, 1 << 19
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -137,8 +143,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for such shapes: measured on 2 cores, 19 GB/s for F.linear vs 28 GB/s for the split, out of 37
     GB/s. One row keeps the split, which a compiled step turns into loops that stream the weight
     faster than the packed product (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step). Larger products
-    (prefills, ViT passes) go through oneDNN where it measured clearly faster on this CPU
-    (`cpu_matmul`). In a compiled step, a single row reads `half` (a bf16 copy) when given."""
+    (prefills, ViT passes), and a few rows of a large weight (ONEDNN_MIN_ROWS), go through oneDNN
+    where it measured clearly faster on this CPU (`cpu_matmul`). In a compiled step, a single row reads `half` (a bf16 copy) when given."""
     rows = x.numel() // x.shape[-1]
     if half is not None and rows == 1 and torch.compiler.is_compiling():
         n = _threads() if weight.shape[0] % _threads() == 0 else 1
@@ -147,7 +153,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         w = packed.get(weight)
         if w is not None:
             return packed_op()(x, w, bias) if torch.compiler.is_compiling() else onednn_linear(x, w, bias)
-    if _onednn_route(x, rows):
+    if _onednn_route(x, rows, weight):
         return onednn_product(x, weight, bias)
     n = _threads()
     if (n == 1 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or weight.shape[0] % n
@@ -173,16 +179,19 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """gelu(linear(x)) (exact erf form); where `linear` takes oneDNN, the GELU runs inside the
     product's output pass (same values; mini's ViT fc1 over 64 tiles: 6.8 vs 7.1 ms on 2 cores,
     and no separate pass over its [rows, 4C] output)."""
-    if _onednn_route(x, x.numel() // x.shape[-1]):
+    if _onednn_route(x, x.numel() // x.shape[-1], weight):
         return onednn_product(x, weight, bias, activation="gelu")
     return F.gelu(linear(x, weight, bias))
 
 
-def _onednn_route(x: torch.Tensor, rows: int) -> bool:
-    """Whether a product of `rows` rows goes through oneDNN: prefill-sized, CPU fp32 inference,
-    outside compiled graphs (inductor lowers F.linear itself), where oneDNN measured clearly faster
-    on this CPU (`cpu_matmul.onednn_faster`)."""
-    return (rows > SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+def _onednn_route(x: torch.Tensor, rows: int, weight: torch.Tensor) -> bool:
+    """Whether a product of `rows` rows goes through oneDNN: prefill-sized (or a few rows of a large
+    weight), CPU fp32 inference, outside compiled graphs (inductor lowers F.linear itself), where
+    oneDNN measured clearly faster on this CPU (`cpu_matmul.onednn_faster`)."""
+    # the row test last: in a compiled step it would split the graph's range of batch sizes
+    sized = rows > SPLIT_MAX_ROWS or (weight.numel() >= ONEDNN_MIN_WEIGHT and not torch.compiler.is_compiling()
+                                      and rows >= ONEDNN_MIN_ROWS)
+    return (sized and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_faster(_threads()))
 
 
