@@ -59,8 +59,9 @@ def test_keep_mask():
 
 
 def test_router_pooling_equals_released_multihead_attention_form():
-    """The pooling projects attn2's keys/values once; the released form calls nn.MultiheadAttention
-    (query, tokens, tokens) four times. Same result, including with gradients (router training)."""
+    """The pooling attends with its single query in token space, without projecting keys and
+    values; the released form calls nn.MultiheadAttention(query, tokens, tokens) four times. Same
+    result, including with gradients (router training)."""
     from internvl35.models.projector import CrossAttentionPooling
 
     torch.manual_seed(0)

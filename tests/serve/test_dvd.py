@@ -327,3 +327,40 @@ def test_a_slow_decode_does_not_hold_up_other_requests(mini, vision_model, monke
     server.stop()
     client.close()
     assert order == ["fast", "slow"] and at["fast"] - t0 < 1.2 and at["slow"] - t0 >= 1.5
+
+
+def test_a_backlog_is_encoded_in_larger_passes(vision_model, monkeypatch):
+    """A pass takes ready requests up to the tile budget; once requests have been left over for
+    BACKLOG_S and BACKLOG_PASSES passes' worth are ready, up to that many budgets at once. Requests
+    never split and keep their arrival order."""
+    from concurrent.futures import Future
+
+    from internvl35.serve import vision_server
+
+    server = VisionServer(vision_model, "tcp://127.0.0.1:*")
+    passes = []
+    monkeypatch.setattr(server, "_encode", lambda batch: passes.append([b[1]["id"] for b in batch]))
+    budget, S = server.max_batch_tiles, vision_model.cfg.vision.image_size
+    per_request = 7
+
+    def entry(i: int, done: bool = True):
+        job = Future()
+        if done:
+            job.set_result((torch.zeros(per_request, 3, S, S), None))
+        return (b"c", {"id": i}, job)
+
+    try:
+        server.queue = [entry(i) for i in range(3)]
+        server.step()
+        assert passes == [[0, 1]] and [e[1]["id"] for e in server.queue] == [2]
+        backlog = vision_server.BACKLOG_PASSES * budget // per_request + 1  # ready tiles above the threshold
+        fit = vision_server.BACKLOG_PASSES * budget // per_request
+        for since, taken in ((0.0, 2), (vision_server.BACKLOG_S, fit)):  # a fresh backlog; one as old as BACKLOG_S
+            server._caught_up = time.monotonic() - since
+            server.queue = [entry(i) for i in range(2)] + [entry(100, done=False)] + [entry(i) for i in range(2, backlog)]
+            passes.clear()
+            server.step()
+            assert passes == [list(range(taken))]
+            assert [e[1]["id"] for e in server.queue] == [100] + list(range(taken, backlog))
+    finally:
+        server.close()

@@ -53,8 +53,9 @@ class CrossAttentionPooling(nn.Module):
         for a single query without projecting the tokens. With q the projected query of head h,
         softmax(q . (W_k x_p + b_k)) = softmax((W_k^T q) . x_p), since q . b_k is the same for every
         token, and the weighted sum of W_v x_p + b_v is W_v (sum_p a_p x_p) + b_v, since the weights
-        sum to one. So each application costs 4 x heads x P x C multiply-adds instead of the
-        2 x P x C^2 of projecting keys and values (for mini's 192-wide ViT with 16 heads, a sixth)."""
+        sum to one. So each application costs 2 x heads x P x C multiply-adds per tile, where
+        projecting the tokens' keys and values cost 2 x P x C^2 per attention module (mini's
+        192-wide ViT, 16 heads: the four applications now cost a sixth of the two projections)."""
         q = self.query_token.expand(x.shape[0], 1, -1).to(x.dtype)  # [N, 1, C]
         q = self.norm1(_attend_tokens(self.attn1, q, x))
         for _ in range(3):

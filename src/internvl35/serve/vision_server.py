@@ -30,6 +30,14 @@ log = logging.getLogger("internvl35.vision")
 # passes only hold every reply back until the whole pass is done, while the language server waits
 # (vit-heavy DvD, 8 clients: 13.5 req/s with 14-tile passes vs 11.7 with 64-tile ones).
 FULL_SPEED_ROWS = 1024
+# When requests have been left over after every pass for BACKLOG_S (the server is the slower side
+# of the deployment) and BACKLOG_PASSES passes' worth are ready, one pass takes them all: their
+# wait is set by the queue then, not by the pass, and larger passes cost less per request on both
+# sides (the projectors and the router run on more rows; the language server gets its requests in
+# larger groups and runs larger steps). Where the language side is the slower one, the queue
+# empties between passes and passes stay small: larger ones would leave it without work meanwhile.
+BACKLOG_S = 1.0
+BACKLOG_PASSES = 3
 
 
 def default_batch_tiles(cfg: VisionConfig) -> int:
@@ -57,6 +65,7 @@ class VisionServer:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stats = {"requests": 0, "tiles": 0, "batches": 0, "rejected": 0, "busy_s": 0.0}
         self._stop = False
+        self._caught_up = time.monotonic()  # when a pass last left no request behind
 
     def stop(self) -> None:
         self._stop = True
@@ -83,22 +92,31 @@ class VisionServer:
         so preprocessing of the next requests overlaps the ViT of these."""
         while len(self.queue) < self.max_queue and self.sock.poll(0):
             self._accept(self.sock.recv_multipart(copy=False))
-        batch, tiles, waiting = [], 0, []
-        for ident, header, job in self.queue:
+        ready, left = [], []  # left: the queue after this round, in arrival order
+        for entry in self.queue:
+            ident, header, job = entry
             if not job.done():
-                waiting.append((ident, header, job))
+                left.append(entry)
                 continue
             try:
-                pv, flash = job.result()
+                ready.append((entry, *job.result()))
+                left.append(entry)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 self._reject(ident, header.get("id"), e)
+        budget = self.max_batch_tiles
+        if (time.monotonic() - self._caught_up >= BACKLOG_S
+                and sum(pv.shape[0] for _, pv, _ in ready) >= BACKLOG_PASSES * budget):
+            budget *= BACKLOG_PASSES
+        batch, taken, tiles = [], set(), 0
+        for entry, pv, flash in ready:
+            if batch and tiles + pv.shape[0] > budget:  # the next round's (a request never splits)
                 continue
-            if batch and tiles + pv.shape[0] > self.max_batch_tiles:  # the next round's (a request never splits)
-                waiting.append((ident, header, job))
-                continue
-            batch.append((ident, header, pv, flash))
+            batch.append((entry[0], entry[1], pv, flash))
+            taken.add(id(entry))
             tiles += pv.shape[0]
-        self.queue = waiting
+        self.queue = [e for e in left if id(e) not in taken]
+        if not self.queue:
+            self._caught_up = time.monotonic()
         if batch:
             t = time.perf_counter()
             self._encode(batch)
