@@ -16,7 +16,7 @@ reads each image's header and tokenizes, `probe`, and sends the file) or, with `
 language`, on the language server (all of it, `preprocess`; float32 tiles travel); the bounds of both
 placements are reported.
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
-38B's (0.75); `--models` picks.
+38B's (0.75; `vision_over_llm_per_tile` in the output, 0.63-0.69 on 2 EPYC cores); `--models` picks.
 
     .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--rounds 1] [--max-tiles 6] [--compile] [--pack-weights] [--preprocess language]
 """

@@ -357,7 +357,7 @@ def test_a_backlog_is_encoded_in_larger_passes(vision_model, monkeypatch):
         fit = vision_server.BACKLOG_PASSES * budget // per_request
         for since, taken in ((0.0, 2), (vision_server.BACKLOG_S, fit)):  # a fresh backlog; one as old as BACKLOG_S
             server._caught_up = time.monotonic() - since
-            server.queue = [entry(i) for i in range(2)] + [entry(100, done=False)] + [entry(i) for i in range(2, backlog)]
+            server.queue = [entry(0), entry(1), entry(100, done=False)] + [entry(i) for i in range(2, backlog)]
             passes.clear()
             server.step()
             assert passes == [list(range(taken))]

@@ -144,7 +144,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     GB/s. One row keeps the split, which a compiled step turns into loops that stream the weight
     faster than the packed product (vit-heavy, 2 cores: 3.2 vs 4.4 ms per step). Larger products
     (prefills, ViT passes), and a few rows of a large weight (ONEDNN_MIN_ROWS), go through oneDNN
-    where it measured clearly faster on this CPU (`cpu_matmul`). In a compiled step, a single row reads `half` (a bf16 copy) when given."""
+    where it measured clearly faster on this CPU (`cpu_matmul`). In a compiled step, a single row
+    reads `half` (a bf16 copy) when given."""
     rows = x.numel() // x.shape[-1]
     if half is not None and rows == 1 and torch.compiler.is_compiling():
         n = _threads() if weight.shape[0] % _threads() == 0 else 1

@@ -31,11 +31,12 @@ log = logging.getLogger("internvl35.vision")
 # (vit-heavy DvD, 8 clients: 13.5 req/s with 14-tile passes vs 11.7 with 64-tile ones).
 FULL_SPEED_ROWS = 1024
 # When requests have been left over after every pass for BACKLOG_S (the server is the slower side
-# of the deployment) and BACKLOG_PASSES passes' worth are ready, one pass takes them all: their
-# wait is set by the queue then, not by the pass, and larger passes cost less per request on both
-# sides (the projectors and the router run on more rows; the language server gets its requests in
+# of the deployment) and BACKLOG_PASSES passes' worth are ready, a pass takes up to that many tile
+# budgets: the queue sets their wait then, not the pass, and larger passes cost less per request on
+# both sides (the projectors and the router run on more rows; the language server gets requests in
 # larger groups and runs larger steps). Where the language side is the slower one, the queue
-# empties between passes and passes stay small: larger ones would leave it without work meanwhile.
+# empties between passes and passes stay small: larger ones would leave it without work meanwhile
+# (vit-heavy DvD, 32 clients, without this guard: -7.6% without the router, +8.6% with it).
 BACKLOG_S = 1.0
 BACKLOG_PASSES = 3
 
