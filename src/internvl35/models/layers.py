@@ -129,7 +129,7 @@ SPLIT_MAX_ROWS = 32
 PACKED_MAX_ROWS = 128  # a packed weight serves products up to this many rows (see PackedWeight)
 # From this many rows, a product with a weight of at least ONEDNN_MIN_WEIGHT elements goes through
 # oneDNN too, where it is the faster library: 2-core EPYC, 4-32 rows of 1024x1024 to 3072x1024
-# weights, 1.2-2.0x faster than MKL on one thread and 1.1-1.9x faster than the split on two (the
+# weights, 1.4-2.0x faster than MKL on one thread and 1.2-1.9x faster than the split on two (the
 # Flash projector `mlp2` over a vision pass's compressed tiles, decode steps of unpacked weights).
 # Below either bound the split (or MKL on one thread) measured as fast or faster.
 ONEDNN_MIN_ROWS, ONEDNN_MIN_WEIGHT = 4, 1 << 19
