@@ -16,7 +16,7 @@ reads each image's header and tokenizes, `probe`, and sends the file) or, with `
 language`, on the language server (all of it, `preprocess`; float32 tiles travel); the bounds of both
 placements are reported.
 Two models: `mini` and `vit-heavy`, a random model whose vision/LLM cost per tile is about the
-38B's (0.75; `vision_over_llm_per_tile` in the output, 0.63-0.69 on 2 EPYC cores); `--models` picks.
+38B's (0.75; `vision_over_llm_per_tile` in the output, 0.65-0.67 on 2 EPYC cores); `--models` picks.
 
     .venv/bin/python benchmarks/bench_dvd.py [--models mini vit-heavy] [--n 48] [--concurrency 8] [--rounds 1] [--max-tiles 6] [--compile] [--pack-weights] [--preprocess language]
 """
@@ -240,8 +240,12 @@ def stage_times(cm, urls: list[str], conc: int, tokens: int, max_tiles: int) -> 
         out[f"vision{name}"] = (time.perf_counter() - t) / len(urls)
         out[f"llm{name}"] = llm_time(cm, encoded, conc, params)
         out[f"visual_tokens{name}"] = sum(e.features.shape[0] for e in encoded) / len(urls)
-    # the same requests without their images: the LLM's work on the tiles' tokens is the difference
-    out["llm_text_only"] = llm_time(cm, [cm.build_prompt("Describe the image.") for _ in urls], conc, params)
+    # the same requests with each image as one tile: the LLM's work on the other tiles' tokens is the
+    # difference (the same text and the same prefix sharing; identical text-only prompts would share
+    # their question's blocks, which the image requests compute)
+    one_tile = [cm.build_prompt("Describe the image.", [fetch_image(u, MediaLimits())], max_tiles=1) for u in urls]
+    out["llm_one_tile"] = llm_time(cm, LLMEngine(cm).encode_batch([(p, None) for p in one_tile]), conc, params)
+    out["tiles"] = sum(p.pixel_values.shape[0] for p in prompts) / len(prompts)
     # what crosses the wire: the image file (tiled by the vision server) or float32 tiles (tiled by
     # the language server), and the bf16 features back
     for key, sent in (("", [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in files]),
@@ -333,7 +337,7 @@ def round_summary(sts: dict[str, dict], res: dict, side: str) -> dict:
         "vision_s_per_request_by_mode": {k: round(val["vision"], 5) for k, val in sts.items()},
         "vision_over_llm": round(v / llm, 3),
         # per tile, the ViT and projector vs the LLM's work on the tile's tokens (the 38B's 0.75 is this ratio)
-        "vision_over_llm_per_tile": round(v / (llm - st["llm_text_only"]), 3),
+        "vision_over_llm_per_tile": round(v / st["tiles"] / ((llm - st["llm_one_tile"]) / (st["tiles"] - 1)), 3),
         # per request in DvD: the vision core's work (ViT, projector, decoding and tiling if placed there) vs the
         # language core's (LLM prefill and decode, the rest of the preprocessing)
         "vision_core_over_language_core": round((vis_pre + v) / (lang_pre + llm), 3),

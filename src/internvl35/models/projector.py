@@ -66,7 +66,7 @@ class CrossAttentionPooling(nn.Module):
 def _attend_tokens(attn: nn.MultiheadAttention, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """nn.MultiheadAttention(q, x, x) for one query per tile: q [N, 1, C], x [N, P, C] -> [N, 1, C]
     (no dropout, no mask), through the identities in `CrossAttentionPooling.forward`."""
-    N, P, C = x.shape
+    N, _, C = x.shape
     H = attn.num_heads
     _, w_k, w_v = attn.in_proj_weight.view(3, H, C // H, C).unbind(0)  # each [H, d, C]
     b = attn.in_proj_bias
